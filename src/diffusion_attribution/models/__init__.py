@@ -1,0 +1,3 @@
+from .pipeline import CheckpointError, TextToImageModel, load_training_config
+
+__all__ = ["CheckpointError", "TextToImageModel", "load_training_config"]
