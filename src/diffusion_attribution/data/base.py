@@ -206,8 +206,10 @@ class CaptionedImageDataModule(pl.LightningDataModule):
         random_flip: bool = False,
         exclude: Any = None,
         cache_images: bool = True,
+        sample_prompts: list[str] | None = None,
     ) -> None:
         super().__init__()
+        self.sample_prompts = list(sample_prompts or [])
         self.resolution = resolution
         self.batch_size = batch_size
         self.num_workers = num_workers

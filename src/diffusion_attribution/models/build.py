@@ -58,7 +58,9 @@ def build_tiny_model(
     return TextToImageModel(unet_model, CLIPTextModel(text_cfg), tokenizer, build_scheduler(scheduler or {}))
 
 
-def load_pretrained_model(captions: Sequence[str] | None = None, path: str | Path | None = None) -> TextToImageModel:
+def load_pretrained_model(
+    captions: Sequence[str] | None = None, path: str | Path | None = None
+) -> TextToImageModel:
     """Any local diffusers pipeline folder or a checkpoint written by train.py."""
     if path is None:
         raise ValueError(

@@ -5,11 +5,13 @@ transformers load directly.
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 from pathlib import Path
-from typing import Any
 
 import torch
+import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -19,6 +21,8 @@ from .tokenizer import report_unknown_words
 
 CONFIG_FILE = "training_config.yaml"
 MODEL_INDEX = "model_index.json"
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -35,6 +39,7 @@ class TextToImageModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         scheduler: DDPMScheduler,
         vae: AutoencoderKL | None = None,
+        train_text_encoder: bool = True,
     ) -> None:
         super().__init__()
         self.unet = unet
@@ -42,8 +47,12 @@ class TextToImageModel(nn.Module):
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.vae = vae
+        # False for a pretrained (frozen) text encoder: only the UNet trains.
+        self.train_text_encoder = bool(train_text_encoder)
         if vae is not None:
             vae.requires_grad_(False)
+        if not self.train_text_encoder:
+            text_encoder.requires_grad_(False)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -113,7 +122,9 @@ class TextToImageModel(nn.Module):
         return self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample.clamp(-1, 1)
 
     # ----------------------------------------------------------------------------- diffusion
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
+    def predict(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor
+    ) -> torch.Tensor:
         return self.unet(noisy, timesteps, encoder_hidden_states=text_states).sample
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -122,7 +133,9 @@ class TextToImageModel(nn.Module):
             return noise
         if self.prediction_type == "v_prediction":
             return self.scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(f"Unsupported prediction_type {self.prediction_type!r}: use epsilon or v_prediction.")
+        raise ValueError(
+            f"Unsupported prediction_type {self.prediction_type!r}: use epsilon or v_prediction."
+        )
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(latents, noise, timesteps)
@@ -147,6 +160,7 @@ class TextToImageModel(nn.Module):
         }
         if self.vae is not None:
             index["vae"] = ["diffusers", "AutoencoderKL"]
+        index["train_text_encoder"] = self.train_text_encoder
         (path / MODEL_INDEX).write_text(json.dumps(index, indent=2))
         if config is not None:
             if not isinstance(config, DictConfig):
@@ -164,19 +178,65 @@ class TextToImageModel(nn.Module):
                 f"Model folder {path} does not exist. Point model.path at a checkpoint folder written by "
                 "train.py (outputs/.../checkpoint) or a local diffusers pipeline folder."
             )
-        missing = [part for part in ("unet", "text_encoder", "tokenizer", "scheduler") if not (path / part).is_dir()]
+        missing = [
+            part for part in ("unet", "text_encoder", "tokenizer", "scheduler") if not (path / part).is_dir()
+        ]
         if missing:
             raise CheckpointError(
                 f"{path} is not a diffusers model folder: missing {missing}. A checkpoint has unet/, "
                 "text_encoder/, tokenizer/, scheduler/ (and vae/ for latent models)."
             )
-        kwargs: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-        vae = AutoencoderKL.from_pretrained(path / "vae", **kwargs) if (path / "vae").is_dir() else None
-        return cls(unet, text_encoder, tokenizer, scheduler, vae)
+        index_file = path / MODEL_INDEX
+        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        # Every component in float32 unless asked otherwise (transformers would otherwise keep the
+        # dtype the checkpoint was saved in, e.g. an fp16 text encoder next to an fp32 UNet).
+        dtype = torch_dtype or torch.float32
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder").to(dtype)
+        tokenizer = _load_tokenizer(path / "tokenizer", index.get("tokenizer"))
+        has_vae = (path / "vae").is_dir()
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype) if has_vae else None
+        scheduler = load_ddpm_scheduler(path / "scheduler", latent=has_vae)
+        # Absent in pipelines not written here (e.g. Stable Diffusion): a latent model's text
+        # encoder is a pretrained one and stays frozen, a pixel model's was trained from scratch.
+        train_text_encoder = bool(index.get("train_text_encoder", not has_vae))
+        return cls(unet, text_encoder, tokenizer, scheduler, vae, train_text_encoder=train_text_encoder)
+
+
+def _load_tokenizer(folder: Path, declared: list[str | None] | None = None) -> PreTrainedTokenizerBase:
+    """AutoTokenizer, or the class model_index.json declares where tokenizer_config.json names none."""
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError):
+        if not declared or declared[0] != "transformers" or not hasattr(transformers, str(declared[1])):
+            raise
+        return getattr(transformers, str(declared[1])).from_pretrained(folder)
+
+
+def load_ddpm_scheduler(folder: str | Path, latent: bool = False) -> DDPMScheduler:
+    """A DDPMScheduler with the noise schedule of any diffusers scheduler config.
+
+    Pipelines ship the sampler they were released with (Stable Diffusion 1.4: PNDMScheduler, 2.x:
+    DDIMScheduler); training and the attribution losses only need the schedule (betas, number of
+    steps, prediction type), which those configs share with DDPM. Keys DDPM does not have
+    (skip_prk_steps, set_alpha_to_one, ...) are dropped. Where the config has no clip_sample (PNDM
+    has none), a latent model gets False: latents are not confined to [-1, 1].
+    """
+    raw = DDPMScheduler.load_config(folder)
+    source = raw.get("_class_name", "DDPMScheduler")
+    accepted = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+    config = {key: value for key, value in raw.items() if key in accepted}
+    if latent and "clip_sample" not in raw:
+        config["clip_sample"] = False
+    if source != "DDPMScheduler":
+        dropped = sorted(key for key in raw if key not in accepted and not key.startswith("_"))
+        logger.info(
+            "%s: using the noise schedule of its %s config with a DDPMScheduler (ignoring %s).",
+            folder,
+            source,
+            dropped,
+        )
+    return DDPMScheduler(**config)
 
 
 def load_training_config(path: str | Path) -> DictConfig | None:

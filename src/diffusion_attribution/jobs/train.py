@@ -1,0 +1,69 @@
+"""The training job behind train.py: data + model + LightningModule + Trainer, then export the EMA
+weights as a diffusers-style checkpoint folder (with the resolved config) in the run directory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from ..data.base import CaptionedImageDataModule
+from ..models.loading import model_from_config
+from ..modules.callbacks import SampleGridCallback
+from ..modules.training import DiffusionTrainingModule
+
+log = logging.getLogger(__name__)
+
+
+def resolve_resume(spec: str | None, run_dir: Path) -> str | None:
+    """`training.resume`: null, a Lightning .ckpt path, or a run directory (its checkpoints/last.ckpt)."""
+    if not spec:
+        return None
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"training.resume={spec}: no checkpoint at {path}. Give a .ckpt file or the run directory of "
+            "the interrupted run (it holds checkpoints/last.ckpt)."
+        )
+    return str(path)
+
+
+def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    datamodule: CaptionedImageDataModule = hydra.utils.instantiate(cfg.data)
+    excluded = datamodule.excluded_ids
+    log.info(
+        "Data: %d examples, %d excluded, %d used",
+        datamodule.num_examples,
+        len(excluded),
+        len(datamodule.train_ids),
+    )
+    model = model_from_config(cfg.model, datamodule.source.all_captions())
+    module = DiffusionTrainingModule(model, max_steps=cfg.training.max_steps, **cfg.training.optim)
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            every_n_train_steps=cfg.training.checkpoint_every_n_steps,
+            save_last=True,
+            save_top_k=0,
+        ),
+        SampleGridCallback(out_dir=str(run_dir / "samples"), **cfg.samples),
+    ]
+    loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") else []
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.training.resume, run_dir))
+    checkpoint = run_dir / "checkpoint"
+    if trainer.is_global_zero:
+        with module.ema_weights() as ema_model:
+            ema_model.save_pretrained(checkpoint, config=cfg)
+        log.info("Checkpoint (EMA weights) written to %s", checkpoint)
+    return checkpoint

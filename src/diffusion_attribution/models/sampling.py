@@ -1,0 +1,70 @@
+"""Sampling with classifier-free guidance. Each image depends only on its own (prompt, seed): the
+initial noise and any stochastic step noise come from a generator seeded per image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from .pipeline import TextToImageModel
+
+
+@dataclass
+class Samples:
+    images: torch.Tensor  # [B, 3, H, W] in [-1, 1]
+    latents: torch.Tensor  # final (denoised) latents, the UNet's input space
+    initial_noise: torch.Tensor
+
+
+def initial_noise(model: TextToImageModel, seeds: Sequence[int]) -> torch.Tensor:
+    shape = model.latent_shape
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def generate(
+    model: TextToImageModel,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    num_steps: int = 30,
+    guidance_scale: float = 3.0,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    batch_size: int = 64,
+) -> Samples:
+    if len(prompts) != len(seeds):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt.")
+    if sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    elif sampler == "ddpm":
+        scheduler = DDPMScheduler.from_config(model.scheduler.config)
+    else:
+        raise ValueError(f"Unknown sampler {sampler!r}: use ddim or ddpm.")
+    was_training = model.training
+    model.eval()
+    outputs_images, outputs_latents, noises = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        batch_prompts = list(prompts[start : start + batch_size])
+        batch_seeds = [int(s) for s in seeds[start : start + batch_size]]
+        noise = initial_noise(model, batch_seeds).to(model.device)
+        generators = [torch.Generator().manual_seed(s + 1) for s in batch_seeds]
+        text = model.encode_text(batch_prompts)
+        uncond = model.encode_text([""] * len(batch_prompts))
+        latents = noise * scheduler.init_noise_sigma
+        scheduler.set_timesteps(num_steps)
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            timesteps = torch.full((model_in.shape[0],), int(t), device=model.device, dtype=torch.long)
+            pred_uncond, pred_text = model.predict(model_in, timesteps, torch.cat([uncond, text])).chunk(2)
+            pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
+            kwargs = {"eta": eta} if sampler == "ddim" else {}
+            step_noise_generator = generators if (sampler == "ddpm" or eta > 0) else None
+            latents = scheduler.step(pred, t, latents, generator=step_noise_generator, **kwargs).prev_sample
+        outputs_latents.append(latents)
+        outputs_images.append(model.decode_latents(latents))
+        noises.append(noise)
+    model.train(was_training)
+    return Samples(torch.cat(outputs_images), torch.cat(outputs_latents), torch.cat(noises))
