@@ -54,7 +54,7 @@ class AttributeReader(nn.Module):
         out: list[dict[str, str]] = []
         for start in range(0, len(images), batch_size):
             logits = self(images[start : start + batch_size].float())
-            preds = {name: l.argmax(-1).tolist() for name, l in logits.items()}
+            preds = {name: logit.argmax(-1).tolist() for name, logit in logits.items()}
             for k in range(len(next(iter(preds.values())))):
                 out.append({name: self.heads[name][preds[name][k]] for name in self.heads})
         return out
