@@ -73,13 +73,21 @@ def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
 
 
 def parse_id_list(spec: Any, num_examples: int, what: str = "data.exclude") -> np.ndarray:
-    """Read a list of example ids given inline (list) or as a file (.txt one per line, .json, .npy).
+    """Read a list of example ids given inline (a list, or one int such as Hydra's `data.exclude=3`)
+    or as a file (.txt one per line, .json, .npy).
 
     Every id must be an integer in [0, num_examples); duplicates are allowed and collapsed.
     """
     if spec is None or (isinstance(spec, str) and spec.strip() == ""):
         return np.zeros(0, dtype=np.int64)
     source = what
+    if isinstance(spec, (bool, np.bool_)):
+        raise DataError(
+            f"{what} is {spec!r}, not an id list. Give an id (e.g. {what}=3), a list of ids "
+            f"(e.g. {what}='[3,17]') or a file of ids (.txt, .json, .npy)."
+        )
+    if isinstance(spec, (int, float, np.integer, np.floating)):
+        spec = [spec]  # one id; a non-integer one is reported below like any bad entry
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         source = f"{what} file {path}"
@@ -99,6 +107,8 @@ def parse_id_list(spec: Any, num_examples: int, what: str = "data.exclude") -> n
     ids = []
     for position, value in enumerate(raw):
         try:
+            if isinstance(value, (bool, np.bool_)):  # float(True) == 1.0 would pass as id 1
+                raise ValueError
             as_float = float(value)
             if not as_float.is_integer():
                 raise ValueError

@@ -210,7 +210,7 @@ class ShapesSource(CaptionedImageSource):
         return Image.fromarray(self.images[idx])
 
     def file_name(self, idx: int) -> str:
-        return str(self.root / self.records[idx]["file_name"])
+        return self.records[idx]["file_name"]  # relative to self.root, as the base class says
 
     def metadata(self, idx: int) -> dict[str, Any]:
         return {k: v for k, v in self.records[idx].items() if k not in ("text", "file_name")}
