@@ -175,12 +175,6 @@ def test_resume_continues_the_step_count(hydra_run, train_overrides, tmp_path: P
     assert not torch.equal(resumed["state_dict"][key], interrupted["state_dict"][key])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modules/training.py steps the EMA in on_train_batch_end, which Lightning calls after the "
-    "callbacks' on_train_batch_end, where ModelCheckpoint saves: last.ckpt's EMA lags one step, so a "
-    "resumed run loses an EMA update (and a no-op resume exports different weights).",
-)
 def test_lightning_checkpoint_holds_the_current_ema(hydra_run, train_overrides, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cfg = hydra_run([*train_overrides, "training.max_steps=2", "samples.every_n_steps=0"], run_dir)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,30 +165,33 @@ def generate_world(config: ShapesWorldConfig) -> tuple[np.ndarray, list[dict[str
     return images, records
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def materialize_world(config: ShapesWorldConfig, cache_dir: str | Path) -> Path:
     """Generate the world into `cache_dir/shapes-<fingerprint>/` once; later calls reuse it."""
     root = Path(cache_dir) / f"shapes-{config.fingerprint()}"
     done = root / "metadata.jsonl"
     if done.is_file() and (root / "images.npy").is_file():
         return root
-    (root / "images").mkdir(parents=True, exist_ok=True)
+    # Written into a private folder and renamed into place: concurrent jobs (a multirun, a SLURM
+    # array) that find the cache cold never read a half-written one.
+    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
     images, records = generate_world(config)
     lines = []
     for idx, (image, rec) in enumerate(zip(images, records, strict=True)):
         file_name = f"images/{idx:05d}.png"
-        Image.fromarray(image).save(root / file_name)
+        Image.fromarray(image).save(tmp / file_name)
         lines.append(json.dumps({"file_name": file_name, "text": captions_for(rec), **rec}))
-    np.save(root / "images.npy", images)
-    (root / "world.json").write_text(json.dumps(asdict(config), indent=2))
-    # metadata.jsonl last and atomically: its presence marks a complete cache.
-    _atomic_write_text(done, "\n".join(lines) + "\n")
+    np.save(tmp / "images.npy", images)
+    (tmp / "world.json").write_text(json.dumps(asdict(config), indent=2))
+    (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another job finished first (or a stale partial folder): keep the complete one
+        if not (done.is_file() and (root / "images.npy").is_file()):
+            shutil.rmtree(root, ignore_errors=True)
+            os.rename(tmp, root)
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

@@ -66,4 +66,5 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
         with module.ema_weights() as ema_model:
             ema_model.save_pretrained(checkpoint, config=cfg)
         log.info("Checkpoint (EMA weights) written to %s", checkpoint)
+    trainer.strategy.barrier()  # other ranks return only once the checkpoint exists
     return checkpoint

@@ -86,7 +86,10 @@ class DiffusionTrainingModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The EMA follows the optimizer, not the batch-end hooks: callbacks (checkpointing, sample
+        # grids) run before the module's on_train_batch_end and would see an average one step behind.
+        super().optimizer_step(*args, **kwargs)
         self.ema.to(self.device)
         self.ema.step(self.trainable_parameters())
         self.log("train/ema_decay", self.ema.cur_decay_value, batch_size=1)
