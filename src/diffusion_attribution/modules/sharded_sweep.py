@@ -1,9 +1,12 @@
-"""The per-sample loss sweep over a whole training set as a Lightning `predict` loop.
+"""Per-example work over a whole training set (the loss sweep, the Fisher) as a Lightning `predict`
+loop over shards of ids.
 
 The ids are cut into fixed shards; the predict dataloader yields shard numbers, so DDP spreads shards
-over processes by id. Each shard is written atomically (temporary file, then rename) as soon as it is
-done, and a shard already on disk is never recomputed: a killed sweep resumes where it stopped, and a
-sweep cached for a (model, data, sweep config) is shared by every query that needs it.
+over processes by id. Each shard's result is written atomically (temporary file, then rename) as soon
+as it is done, and a shard already on disk is never recomputed: a killed sweep resumes where it
+stopped, and a sweep cached for a (model, data, config) is shared by every query that needs it. Shard
+results depend only on their ids (all randomness is keyed per example), so the combined result is the
+same for any number of processes.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,48 +23,36 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.base import CaptionedImageDataset
 from ..models.pipeline import TextToImageModel
+from .fisher import FisherDiagonal, FisherSums, accumulate_fisher
 from .loss_sweep import per_sample_losses
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """What decides the numbers of a sweep (and hence its cache key)."""
-
-    timesteps: tuple[int, ...]
-    caption_indices: tuple[int, ...] | None = None  # None: every caption of each example
-    flips: tuple[bool, ...] = (False,)
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["timesteps"] = [int(t) for t in self.timesteps]
-        d["caption_indices"] = (
-            None if self.caption_indices is None else [int(c) for c in self.caption_indices]
-        )
-        d["flips"] = [bool(f) for f in self.flips]
-        return d
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+ShardFn = Callable[[np.ndarray], dict[str, torch.Tensor]]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def atomic_save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def shard_path(out_dir: Path, shard: int) -> Path:
+    return out_dir / f"shard_{shard:06d}.safetensors"
 
 
 class _ShardNumbers(torch.utils.data.Dataset):
@@ -75,92 +66,189 @@ class _ShardNumbers(torch.utils.data.Dataset):
         return self.shards[k]
 
 
-class LossSweepModule(pl.LightningModule):
-    """predict_step(shard number) computes that shard's losses and writes them to disk."""
+class ShardedPredictModule(pl.LightningModule):
+    """predict_step(shard numbers): compute each missing shard with `shard_fn` and write it."""
 
     def __init__(
-        self,
-        model: TextToImageModel,
-        dataset: CaptionedImageDataset,
-        ids: np.ndarray,
-        config: SweepConfig,
-        out_dir: Path,
-        shard_size: int,
-        batch_size: int,
+        self, model: nn.Module, shard_fn: ShardFn, ids: np.ndarray, out_dir: Path, shard_size: int
     ) -> None:
         super().__init__()
-        self.model = model
-        self.dataset = dataset
+        self.model = model  # a submodule, so that Lightning moves it to the process's device
+        self.shard_fn = shard_fn
         self.ids = ids
-        self.config = config
         self.out_dir = out_dir
         self.shard_size = shard_size
-        self.batch_size = batch_size
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         for shard in batch.tolist():
             path = shard_path(self.out_dir, shard)
-            if path.is_file():  # written by another process (DDP padding) or an earlier run
+            if path.is_file():  # done by an earlier run, or by another process (sampler padding)
                 continue
             ids = self.ids[shard * self.shard_size : (shard + 1) * self.shard_size]
-            losses = per_sample_losses(
-                self.model,
-                self.dataset,
-                ids,
-                timesteps=list(self.config.timesteps),
-                caption_indices=None
-                if self.config.caption_indices is None
-                else list(self.config.caption_indices),
-                flips=list(self.config.flips),
-                seed=self.config.seed,
-                batch_size=self.batch_size,
-            )
-            atomic_save_npy(path, losses.detach().cpu().numpy().astype(np.float32))
+            atomic_save_tensors(path, self.shard_fn(ids))
 
 
-def shard_path(out_dir: Path, shard: int) -> Path:
-    return out_dir / f"shard_{shard:06d}.npy"
-
-
-def run_loss_sweep(
-    model: TextToImageModel,
-    dataset: CaptionedImageDataset,
-    ids: np.ndarray,
-    config: SweepConfig,
+def run_sharded(
+    model: nn.Module,
+    shard_fn: ShardFn,
+    ids: Sequence[int] | np.ndarray,
     out_dir: str | Path,
-    trainer_kwargs: dict[str, Any] | None = None,
+    identity: dict[str, Any],
     shard_size: int = 256,
-    batch_size: int = 64,
-    description: str = "loss sweep",
-) -> np.ndarray:
-    """Losses [len(ids), captions, flips] for `ids`, computed shard by shard (resuming from `out_dir`)."""
+    trainer_kwargs: dict[str, Any] | None = None,
+    description: str = "sweep",
+) -> list[dict[str, torch.Tensor]]:
+    """Run `shard_fn` over `ids` in shards (resuming from `out_dir`) and return every shard's result.
+
+    `identity` says what made the numbers (model, data, config); a folder holding shards made with a
+    different identity is refused rather than mixed.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = np.asarray(ids, dtype=np.int64)
-    meta = {"config": config.to_dict(), "ids_sha": _ids_digest(ids), "shard_size": shard_size}
+    meta = {
+        "identity": json.loads(json.dumps(identity, default=str)),
+        "ids_sha1": hashlib.sha1(np.ascontiguousarray(ids).tobytes()).hexdigest()[:16],
+        "num_ids": len(ids),
+        "shard_size": shard_size,
+    }
     meta_path = out_dir / "sweep.json"
     if meta_path.is_file():
         existing = json.loads(meta_path.read_text())
         if existing != meta:
             raise ValueError(
-                f"{out_dir} holds a sweep made with other settings ({existing}); refusing to mix shards. "
-                "Use another cache directory or delete that folder."
+                f"{out_dir} already holds results of a different run ({existing.get('identity')}); refusing to "
+                "mix them. Point the run at another directory (a new Hydra run dir, or another cache_dir)."
             )
     else:
         atomic_write_text(meta_path, json.dumps(meta, indent=2))
     num_shards = (len(ids) + shard_size - 1) // shard_size
     todo = [s for s in range(num_shards) if not shard_path(out_dir, s).is_file()]
     if todo:
-        log.info("%s: %d of %d shards to compute in %s", description, len(todo), num_shards, out_dir)
-        module = LossSweepModule(model, dataset, ids, config, out_dir, shard_size, batch_size)
-        kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False}
+        log.info("%s: %d of %d shards to compute (%s)", description, len(todo), num_shards, out_dir)
+        module = ShardedPredictModule(model, shard_fn, ids, out_dir, shard_size)
+        kwargs: dict[str, Any] = {
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "accelerator": "auto",
+            "devices": 1,
+        }
         kwargs.update(trainer_kwargs or {})
         trainer = pl.Trainer(**kwargs)
         loader = DataLoader(_ShardNumbers(todo), batch_size=1, shuffle=False)
         trainer.predict(module, loader, return_predictions=False)
         trainer.strategy.barrier()
-    return np.concatenate([np.load(shard_path(out_dir, s)) for s in range(num_shards)], axis=0)
+    else:
+        log.info("%s: all %d shards found in %s", description, num_shards, out_dir)
+    return [load_file(shard_path(out_dir, s)) for s in range(num_shards)]
 
 
-def _ids_digest(ids: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(ids).tobytes()).hexdigest()[:16]
+# ----------------------------------------------------------------------------------- loss sweep
+@dataclass(frozen=True)
+class SweepConfig:
+    """What decides the numbers of a loss sweep (and so its cache key)."""
+
+    timesteps: tuple[int, ...]
+    caption_indices: tuple[int, ...]
+    flips: tuple[bool, ...] = (False,)
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["timesteps"] = [int(t) for t in self.timesteps]
+        d["caption_indices"] = [int(c) for c in self.caption_indices]
+        d["flips"] = [bool(f) for f in self.flips]
+        return d
+
+
+def run_loss_sweep(
+    model: TextToImageModel,
+    dataset: CaptionedImageDataset,
+    ids: Sequence[int] | np.ndarray,
+    config: SweepConfig,
+    out_dir: str | Path,
+    identity: dict[str, Any],
+    batch_size: int = 64,
+    shard_size: int = 256,
+    trainer_kwargs: dict[str, Any] | None = None,
+    description: str = "loss sweep",
+) -> torch.Tensor:
+    """Per-sample losses [len(ids), captions, flips] (see `per_sample_losses`), sharded and resumable."""
+
+    def shard_fn(shard_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        losses = per_sample_losses(
+            model,
+            dataset,
+            shard_ids.tolist(),
+            timesteps=list(config.timesteps),
+            caption_indices=list(config.caption_indices),
+            flips=list(config.flips),
+            seed=config.seed,
+            batch_size=batch_size,
+        )
+        return {"losses": losses.float()}
+
+    shards = run_sharded(
+        model,
+        shard_fn,
+        ids,
+        out_dir,
+        {**identity, "sweep": config.to_dict()},
+        shard_size,
+        trainer_kwargs,
+        description,
+    )
+    return torch.cat([s["losses"] for s in shards])
+
+
+def run_fisher(
+    model: TextToImageModel,
+    dataset: CaptionedImageDataset,
+    ids: Sequence[int] | np.ndarray,
+    subset: str,
+    out_dir: str | Path,
+    identity: dict[str, Any],
+    batch_size: int = 64,
+    seed: int = 0,
+    samples_per_example: int = 1,
+    shard_size: int = 512,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> FisherDiagonal:
+    """The diagonal empirical Fisher over `ids`: per-shard sums of squared per-sample gradients,
+    written as they finish (a killed run resumes), then summed in shard order."""
+
+    def shard_fn(shard_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        sums = accumulate_fisher(
+            model,
+            dataset,
+            shard_ids.tolist(),
+            subset,
+            batch_size=batch_size,
+            seed=seed,
+            samples_per_example=samples_per_example,
+            progress=False,
+        )
+        return {**{f"sum.{n}": s for n, s in sums.sums.items()}, "count": torch.tensor(sums.count)}
+
+    config = {"subset": subset, "seed": seed, "samples_per_example": samples_per_example}
+    shards = run_sharded(
+        model, shard_fn, ids, out_dir, {**identity, "fisher": config}, shard_size, trainer_kwargs, "Fisher"
+    )
+    total: FisherSums | None = None
+    for shard in shards:
+        part = FisherSums(
+            {k.removeprefix("sum."): v.double() for k, v in shard.items() if k.startswith("sum.")},
+            int(shard["count"]),
+        )
+        total = part if total is None else total.merge(part)
+    assert total is not None
+    metadata = {
+        **config,
+        "num_examples": total.count // samples_per_example,
+        "random_flip": dataset.random_flip,
+        "prediction_type": model.prediction_type,
+        "identity": identity,
+    }
+    return total.finalize(metadata).validate()

@@ -1,0 +1,53 @@
+"""One interface for every attribution method (two phases, as in TRAK and kronfluence):
+
+    attributor.prepare(model, datamodule, context)  # cacheable per-model work (Fisher, base losses,
+                                                    # projected gradients, features), keyed by what made it
+    attributor.score(queries) -> [num_queries, num_examples]  # higher = more influential
+
+Scores speak in the data's stable ids: column i is training example i, for every example of the
+source (ids excluded from the model's training still get a column).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.base import CaptionedImageDataModule
+from ..data.queries import Query
+from ..models.pipeline import TextToImageModel
+
+
+@dataclass
+class AttributionContext:
+    """Where an attributor may cache per-model work and write per-run files, and how to run loops."""
+
+    cache_dir: Path
+    run_dir: Path
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+
+class Attributor(ABC):
+    name: str = "attributor"
+
+    def __init__(self) -> None:
+        self.query_records: list[dict[str, Any]] = []  # per-query diagnostics for ranking.json
+
+    @abstractmethod
+    def prepare(
+        self, model: TextToImageModel, datamodule: CaptionedImageDataModule, context: AttributionContext
+    ) -> None:
+        """Per-model work, cached under context.cache_dir keyed by model, data and config."""
+
+    @abstractmethod
+    def score(self, queries: list[Query]) -> np.ndarray:
+        """float32 [len(queries), num_examples], higher = more influential."""
+
+    def config(self) -> dict[str, Any]:
+        """The settings that decide the scores (written into ranking.json)."""
+        return {}

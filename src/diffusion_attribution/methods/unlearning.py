@@ -1,0 +1,250 @@
+"""`method=unlearning` (AbU, Wang et al. 2024): unlearn the query with a Fisher-preconditioned
+Newton step on a weight subset, then score every training example by how much its loss rose.
+
+prepare: the diagonal Fisher over the training set and the before-unlearning loss sweep, both cached
+under `cache_dir` keyed by (model weights, data, config) and shared by every query and run.
+score: per query, unlearn from θ₀, sweep the training set again (in the run directory: a killed run
+resumes), put θ₀ back. Score = loss after − loss before, averaged over captions, max over flips.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.base import CaptionedImageDataModule
+from ..data.queries import Query
+from ..models.pipeline import TextToImageModel
+from ..modules.fisher import FisherDiagonal
+from ..modules.loss_sweep import unlearning_scores
+from ..modules.sharded_sweep import SweepConfig, run_fisher, run_loss_sweep
+from ..modules.unlearning import preserved_parameters, unlearn
+from ..utils.fingerprint import data_fingerprint, hash_json, model_fingerprint, module_fingerprint
+from .base import AttributionContext, Attributor
+from .weight_subsets import count_parameters, select_parameters
+
+log = logging.getLogger(__name__)
+
+
+class UnlearningAttributor(Attributor):
+    name = "unlearning"
+
+    def __init__(
+        self,
+        params: str = "kv",
+        update: str = "fisher",
+        steps: int = 1,
+        step_size: float = 0.01,
+        num_samples: int = 64,
+        num_train: float | None = None,
+        damping: float = 0.1,
+        timesteps: Sequence[int] | None = None,
+        num_timesteps: int = 10,
+        captions: Sequence[int] | str = "all",
+        flips: str | Sequence[bool] = "auto",
+        flip_reduction: str = "max",
+        fisher_samples_per_example: int = 1,
+        batch_size: int = 64,
+        shard_size: int = 256,
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.params = params
+        self.update = update
+        self.steps = steps
+        self.step_size = step_size
+        self.num_samples = num_samples
+        self.num_train = num_train
+        self.damping = damping
+        self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
+        self.num_timesteps = num_timesteps
+        self.captions = captions
+        self.flips = flips
+        self.flip_reduction = flip_reduction
+        self.fisher_samples_per_example = fisher_samples_per_example
+        self.batch_size = batch_size
+        self.shard_size = shard_size
+        self.chunk_size = chunk_size
+
+    # ------------------------------------------------------------------------------- prepare
+    def prepare(
+        self, model: TextToImageModel, datamodule: CaptionedImageDataModule, context: AttributionContext
+    ) -> None:
+        self.model, self.datamodule, self.context = model, datamodule, context
+        self.selected = select_parameters(model.unet, self.params)
+        log.info(
+            "Unlearning %s: %d weights in %d tensors",
+            self.params,
+            count_parameters(self.selected),
+            len(self.selected),
+        )
+        self.all_ids = np.arange(datamodule.num_examples)
+        self.train_ids = np.asarray(datamodule.train_ids)
+        self.sweep_config = self._sweep_config(model, datamodule, context.seed)
+        self.identity = {"model": model_fingerprint(model), "data": data_fingerprint(datamodule)}
+        dataset = datamodule.full_dataset()
+        self.dataset = dataset
+        cache = context.cache_dir
+        fisher_key = hash_json(
+            [
+                self.identity,
+                self.params,
+                self.fisher_samples_per_example,
+                context.seed,
+                self.train_ids.tolist(),
+            ]
+        )
+        started = time.perf_counter()
+        self.fisher: FisherDiagonal | None = None
+        if self.update != "sgd":
+            fisher_path = cache / "fisher" / f"{fisher_key}.safetensors"
+            if fisher_path.is_file():
+                self.fisher = FisherDiagonal.load(fisher_path)
+                log.info("Fisher loaded from %s", fisher_path)
+            else:
+                train_dataset = datamodule.dataset  # the model's training set (exclusions applied)
+                self.fisher = run_fisher(
+                    model,
+                    train_dataset,
+                    self.train_ids,
+                    self.params,
+                    cache / "fisher" / f"{fisher_key}.shards",
+                    self.identity,
+                    batch_size=self.batch_size,
+                    seed=context.seed,
+                    samples_per_example=self.fisher_samples_per_example,
+                    trainer_kwargs=context.trainer_kwargs,
+                )
+                self.fisher.save(fisher_path)
+            self.fisher.validate(self.selected)
+        self.timing = {"fisher_s": time.perf_counter() - started}
+        started = time.perf_counter()
+        sweep_key = hash_json([self.identity, self.sweep_config.to_dict()])
+        self.before = run_loss_sweep(
+            model,
+            dataset,
+            self.all_ids,
+            self.sweep_config,
+            cache / "sweeps" / sweep_key,
+            self.identity,
+            batch_size=self.batch_size,
+            shard_size=self.shard_size,
+            trainer_kwargs=context.trainer_kwargs,
+            description="loss sweep before unlearning",
+        )
+        self.timing["sweep_before_s"] = time.perf_counter() - started
+
+    def _sweep_config(
+        self, model: TextToImageModel, datamodule: CaptionedImageDataModule, seed: int
+    ) -> SweepConfig:
+        num_t = int(model.scheduler.config.num_train_timesteps)
+        if self.timesteps is not None:
+            timesteps = self.timesteps
+        else:  # evenly spaced from 0, as the paper ({0, 50, ..., 950} for 20 of 1000)
+            timesteps = list(range(0, num_t, max(1, num_t // self.num_timesteps)))[: self.num_timesteps]
+        bad = [t for t in timesteps if not 0 <= t < num_t]
+        if bad:
+            raise ValueError(f"method.timesteps {bad} are outside [0, {num_t}) for this model's scheduler.")
+        if self.captions == "all":
+            source = datamodule.source
+            most = max(len(source.captions(i)) for i in range(len(source)))
+            caption_indices = list(range(most))
+        elif isinstance(self.captions, int):
+            caption_indices = list(range(int(self.captions)))
+        else:
+            caption_indices = [int(c) for c in self.captions]
+        if self.flips == "auto":
+            flips = [False, True] if datamodule.random_flip else [False]
+        else:
+            flips = [bool(f) for f in self.flips]
+        return SweepConfig(tuple(timesteps), tuple(caption_indices), tuple(flips), seed)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "params": self.params,
+            "update": self.update,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "num_samples": self.num_samples,
+            "num_train": self._num_train(),
+            "damping": self.damping,
+            "sweep": self.sweep_config.to_dict() if hasattr(self, "sweep_config") else None,
+            "flip_reduction": self.flip_reduction,
+        }
+
+    def _num_train(self) -> float | None:
+        if self.num_train is not None:
+            return float(self.num_train)
+        return float(len(self.train_ids)) if hasattr(self, "train_ids") else None
+
+    # --------------------------------------------------------------------------------- score
+    def score(self, queries: list[Query]) -> np.ndarray:
+        scores = np.zeros((len(queries), len(self.all_ids)), dtype=np.float32)
+        device = self.model.device
+        for k, query in enumerate(queries):
+            started = time.perf_counter()
+            with preserved_parameters(self.selected):
+                record = unlearn(
+                    self.model,
+                    query.latent[None].to(device),
+                    query.caption,
+                    self.fisher,
+                    self.selected,
+                    steps=self.steps,
+                    step_size=self.step_size,
+                    num_samples=self.num_samples,
+                    num_train=self._num_train(),
+                    damping=self.damping,
+                    update=self.update,
+                    seed=self.context.seed,
+                    mask=query.mask,
+                    chunk_size=self.chunk_size,
+                )
+                unlearned = module_fingerprint(self.model.unet)
+                after = run_loss_sweep(
+                    self.model,
+                    self.dataset,
+                    self.all_ids,
+                    self.sweep_config,
+                    self.context.run_dir / "sweeps" / f"query_{k:03d}",
+                    {**self.identity, "unlearned": unlearned, "query": query.caption},
+                    batch_size=self.batch_size,
+                    shard_size=self.shard_size,
+                    trainer_kwargs=self.context.trainer_kwargs,
+                    description=f"loss sweep after unlearning query {k}",
+                )
+            query_scores = unlearning_scores(self.before, after, self.flip_reduction)
+            if not torch.isfinite(query_scores).all():
+                raise FloatingPointError(
+                    f"Query {k}: non-finite scores after unlearning (loss before {record.loss_before}, after "
+                    f"{record.loss_after}). Lower method.step_size or raise method.damping."
+                )
+            scores[k] = query_scores.numpy()
+            delta = (after - self.before).nanmean(dim=1).mean(dim=-1)
+            self.query_records.append(
+                {
+                    **record.as_dict(),
+                    "query_loss_increase": None
+                    if record.loss_after is None
+                    else float(record.loss_after - record.loss_before),
+                    "mean_train_loss_change": float(delta.mean()),
+                    "top10_train_loss_change": float(
+                        torch.topk(query_scores, min(10, len(query_scores))).values.mean()
+                    ),
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+            log.info(
+                "Query %d: query loss %.4f -> %.4f; mean training loss change %.2e (retention); %.1f s",
+                k,
+                record.loss_before,
+                record.loss_after if record.loss_after is not None else float("nan"),
+                float(delta.mean()),
+                time.perf_counter() - started,
+            )
+        return scores
