@@ -9,14 +9,15 @@ TORCH_CPU := torch==2.13.0
 venv: .venv/.installed
 
 .venv/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv .venv
+	# --system-site-packages: a torch already installed for this python (a GPU build) stays in use.
+	test -x $(PY) || python3 -m venv --system-site-packages .venv
 	# Install the CPU build of torch only where no torch is importable: a GPU user's torch is kept.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_CPU)
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
 demo: venv
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(ARGS)
 
 test: venv
 	$(PY) -m pytest tests

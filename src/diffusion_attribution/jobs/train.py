@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ..data.base import CaptionedImageDataModule
 from ..models.loading import model_from_config
-from ..modules.callbacks import SampleGridCallback
+from ..modules.callbacks import ProgressLogCallback, SampleGridCallback
 from ..modules.training import DiffusionTrainingModule
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
             save_top_k=0,
         ),
         SampleGridCallback(out_dir=str(run_dir / "samples"), **cfg.samples),
+        ProgressLogCallback(cfg.training.get("log_every_n_steps", 50)),
     ]
     loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") else []
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)

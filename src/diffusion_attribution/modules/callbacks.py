@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from ..models.sampling import generate
 from ..utils.images import image_grid, to_uint8
 from .training import DiffusionTrainingModule
+
+log = logging.getLogger(__name__)
 
 
 class SampleGridCallback(pl.Callback):
@@ -56,3 +60,39 @@ class SampleGridCallback(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[override]
         self._sample(trainer, pl_module)
+
+
+class ProgressLogCallback(pl.Callback):
+    """A log line every `every_n_steps` (step, loss, speed, time left): progress for runs whose
+    output goes to a file (SLURM, nohup), where a progress bar shows nothing."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = every_n_steps
+        self._start: float | None = None
+        self._start_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:  # type: ignore[override]
+        self._start, self._start_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+        step = trainer.global_step
+        if (
+            self.every_n_steps <= 0
+            or step % self.every_n_steps
+            or not trainer.is_global_zero
+            or self._start is None
+        ):
+            return
+        elapsed = time.perf_counter() - self._start
+        rate = (step - self._start_step) / max(elapsed, 1e-9)
+        loss = trainer.callback_metrics.get("train/loss")
+        left = (trainer.max_steps - step) / rate if trainer.max_steps > 0 and rate > 0 else float("nan")
+        log.info(
+            "step %d/%d  loss %.4f  %.2f steps/s  %.1f min elapsed, %.1f min left",
+            step,
+            trainer.max_steps,
+            float(loss) if loss is not None else float("nan"),
+            rate,
+            elapsed / 60,
+            left / 60,
+        )

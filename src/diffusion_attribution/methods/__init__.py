@@ -1,0 +1,1 @@
+"""Attribution methods and the pieces they share (which weights a method looks at)."""

@@ -1,0 +1,350 @@
+"""Unlearning a query image ẑ = (latents, caption) from the selected UNet weights.
+
+The objective is -L(ẑ, θ) + (N/2)(θ - θ₀)ᵀ F (θ - θ₀); a Newton step on it is
+θ ← θ + α (N F)⁻¹ ∇θ L(ẑ, θ): gradient ascent on the query's noise-prediction loss, each weight's
+step divided by how much the training set's loss depends on it. The weights are changed in place;
+`preserved_parameters` puts θ₀ back so many queries can be unlearned from the same model.
+
+Update rules (`update=`):
+- "fisher" (default): θ ← θ + α · g / (N · (F + λ)), with λ = damping · mean(F) over the selected
+  weights. The damping is relative to the Fisher's own scale (it is added to F before multiplying by
+  N), so `damping` means the same for any N: a weight with F = 0 moves at most 1/damping times as far
+  as a weight of average Fisher. damping = 0 gives "newton" without its zero check.
+- "newton": θ ← θ + α · g / (N · F), the undamped step of the paper's reference; any F entry equal to
+  zero among the selected weights is an error (the step would be infinite).
+- "sgd": θ ← θ + α · g, plain gradient ascent without the Fisher (the ablation that performs at
+  chance); `fisher` may be None.
+
+The query loss is estimated from `num_samples` (timestep, noise) pairs keyed by (seed, step, sample
+index): each step draws fresh pairs, and the recorded loss before/after uses the step-0 pairs, so the
+two numbers are comparable. Samples cycle through the captions given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value
+
+from ..methods.weight_subsets import select_parameters
+from ..models.pipeline import TextToImageModel
+from ..utils.seeding import keyed_generator
+from .fisher import (
+    FisherDiagonal,
+    FisherError,
+    encode_captions,
+    evaluation_mode,
+    split_parameters,
+    squared_error,
+)
+
+QUERY_STREAM = 5_162_017
+UPDATES = ("fisher", "newton", "sgd")
+
+
+# ------------------------------------------------------------------------------------- inputs
+def prepare_query(model: TextToImageModel, latents: torch.Tensor) -> torch.Tensor:
+    """The query in the UNet's input space as [C, H, W] (a [1, C, H, W] batch of one is accepted).
+    Latent models: encode pixels first with `model.encode_images`."""
+    if latents.dim() == 4 and latents.shape[0] == 1:
+        latents = latents[0]
+    if tuple(latents.shape) != tuple(model.latent_shape):
+        raise ValueError(
+            f"The query has shape {tuple(latents.shape)} but the UNet takes {tuple(model.latent_shape)}. "
+            "Give one image in the UNet's input space: pixels in [-1, 1] at the model's resolution for "
+            "a pixel model, model.encode_images(pixels) for a latent model."
+        )
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError("The query contains NaN/inf values; pass a finite image.")
+    return latents
+
+
+def prepare_mask(mask: torch.Tensor | None, latent_shape: Sequence[int]) -> torch.Tensor | None:
+    """Validate a spatial mask in the UNet's input space; returns float weights [1, H, W]."""
+    if mask is None:
+        return None
+    height, width = int(latent_shape[-2]), int(latent_shape[-1])
+    mask = torch.as_tensor(mask)
+    if mask.dim() == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.dim() != 2 or tuple(mask.shape) != (height, width):
+        raise ValueError(
+            f"The mask has shape {tuple(mask.shape)}; it must be [{height}, {width}] or [1, {height}, "
+            f"{width}], the UNet's input resolution. Resize a pixel-space mask with "
+            "mask_to_latent(mask, size) first."
+        )
+    mask = mask.float()
+    if not bool(torch.isfinite(mask).all()) or bool((mask < 0).any()):
+        raise ValueError("The mask must hold finite, non-negative weights (1 inside the region, 0 outside).")
+    if not bool(mask.any()):
+        raise ValueError(
+            "The mask is empty (all zero): the region selects no pixel. Give a mask with ones over the "
+            "region to unlearn, or no mask to unlearn the whole image."
+        )
+    return mask[None]
+
+
+def mask_to_latent(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """A pixel-space mask [H, W] scaled to the UNet's resolution: each cell gets the fraction of
+    its pixels inside the region (area averaging), so a box keeps its extent."""
+    mask = torch.as_tensor(mask).float()
+    if mask.dim() == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.dim() != 2:
+        raise ValueError(f"mask_to_latent takes a 2-D mask [H, W]; got shape {tuple(mask.shape)}.")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return F.interpolate(mask[None, None], size=size, mode="area")[0, 0]
+
+
+def _captions(captions: str | Sequence[str]) -> list[str]:
+    listed = [captions] if isinstance(captions, str) else list(captions)
+    if not listed:
+        raise ValueError("The query needs at least one caption.")
+    return listed
+
+
+def query_draws(
+    seed: int, step: int, num_samples: int, latent_shape: Sequence[int], num_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps [S] (uniform) and noise [S, *latent_shape] for the query loss at an unlearning step."""
+    timesteps, noise = [], []
+    for index in range(num_samples):
+        generator = keyed_generator(seed, QUERY_STREAM, step, index)
+        timesteps.append(int(torch.randint(num_timesteps, (), generator=generator)))
+        noise.append(torch.randn(tuple(latent_shape), generator=generator))
+    return torch.tensor(timesteps, dtype=torch.long), torch.stack(noise)
+
+
+# ------------------------------------------------------------------------------------- query loss
+def _query_chunks(
+    model: TextToImageModel,
+    latents: torch.Tensor,
+    captions: list[str],
+    num_samples: int,
+    seed: int,
+    step: int,
+    chunk_size: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(noisy, timesteps, text_states, target) chunks covering the step's samples."""
+    if num_samples < 1 or chunk_size < 1:
+        raise ValueError("num_samples and chunk_size must be at least 1.")
+    device = model.device
+    num_timesteps = int(model.scheduler.config.num_train_timesteps)
+    timesteps, noise = query_draws(seed, step, num_samples, model.latent_shape, num_timesteps)
+    states = encode_captions(model, captions)
+    for begin in range(0, num_samples, chunk_size):
+        t = timesteps[begin : begin + chunk_size].to(device)
+        eps = noise[begin : begin + chunk_size].to(device, latents.dtype)
+        x0 = latents[None].expand(len(t), *latents.shape)
+        text = states[torch.arange(begin, begin + len(t)) % len(captions)]
+        with torch.no_grad():
+            yield model.add_noise(x0, eps, t), t, text, model.target(x0, eps, t)
+
+
+def query_loss(
+    model: TextToImageModel,
+    latents: torch.Tensor,
+    captions: str | Sequence[str],
+    num_samples: int = 64,
+    seed: int = 0,
+    mask: torch.Tensor | None = None,
+    step: int = 0,
+    chunk_size: int = 64,
+) -> float:
+    """Mean noise-prediction loss of the query over its keyed (timestep, noise) samples."""
+    latents = prepare_query(model, latents).to(model.device, model.unet.dtype)
+    weights = prepare_mask(mask, model.latent_shape)
+    weights = None if weights is None else weights.to(model.device)
+    total = 0.0
+    with evaluation_mode(model), torch.no_grad():
+        for noisy, t, text, target in _query_chunks(
+            model, latents, _captions(captions), num_samples, seed, step, chunk_size
+        ):
+            total += float(squared_error(model.predict(noisy, t, text), target, weights).double().sum())
+    return total / num_samples
+
+
+def query_loss_gradient(
+    model: TextToImageModel,
+    latents: torch.Tensor,
+    captions: str | Sequence[str],
+    params: Mapping[str, torch.Tensor],
+    num_samples: int = 64,
+    seed: int = 0,
+    mask: torch.Tensor | None = None,
+    step: int = 0,
+    chunk_size: int = 64,
+    return_loss: bool = False,
+) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], float]:
+    """∇θ of the mean query loss over `num_samples` keyed (timestep, noise) pairs, w.r.t. `params`
+    (names in model.unet), accumulated over chunks of `chunk_size` so memory stays bounded. With a
+    mask [H, W] or [1, H, W] the loss of each sample is the mean over the masked elements."""
+    latents = prepare_query(model, latents).to(model.device, model.unet.dtype)
+    weights = prepare_mask(mask, model.latent_shape)
+    weights = None if weights is None else weights.to(model.device)
+    theta, frozen = split_parameters(model.unet, params)
+
+    def chunk_loss(theta: dict[str, torch.Tensor], noisy, t, text, target) -> torch.Tensor:
+        out = functional_call(model.unet, {**frozen, **theta}, (noisy, t), {"encoder_hidden_states": text})
+        return squared_error(out.sample, target, weights).sum() / num_samples
+
+    gradient = {name: torch.zeros_like(value, dtype=torch.float32) for name, value in theta.items()}
+    loss = 0.0
+    with evaluation_mode(model), torch.no_grad():  # grad_and_value differentiates regardless
+        for noisy, t, text, target in _query_chunks(
+            model, latents, _captions(captions), num_samples, seed, step, chunk_size
+        ):
+            chunk_grad, value = grad_and_value(chunk_loss)(theta, noisy, t, text, target)
+            for name, g in chunk_grad.items():
+                gradient[name] += g.float()
+            loss += float(value)
+    return (gradient, loss) if return_loss else gradient
+
+
+# ------------------------------------------------------------------------------------- update
+def inverse_preconditioner(
+    fisher: FisherDiagonal | None,
+    params: Mapping[str, torch.Tensor],
+    update: str,
+    num_train: float | None,
+    damping: float,
+) -> dict[str, torch.Tensor] | None:
+    """Per-weight step scale: 1 / (N (F + λ)) for fisher, 1 / (N F) for newton, None for sgd."""
+    if update not in UPDATES:
+        raise ValueError(f"Unknown unlearning update {update!r}; options: {UPDATES}.")
+    if update == "sgd":
+        return None
+    if fisher is None:
+        raise ValueError(f"update={update!r} needs a Fisher; compute one with compute_fisher, or use 'sgd'.")
+    fisher.validate(params)
+    if num_train is None:
+        num_train = fisher.metadata.get("num_examples")
+    if num_train is None or not num_train > 0:
+        raise ValueError(
+            "Give num_train (N, the training set size, e.g. 118287 for COCO): the Fisher's metadata "
+            "does not record it."
+        )
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}.")
+    names = list(params)
+    if update == "newton":
+        zeros = {n: int((fisher[n] == 0).sum()) for n in names}
+        zeros = {n: z for n, z in zeros.items() if z}
+        if zeros:
+            example = next(iter(zeros))
+            raise FisherError(
+                f"update='newton' divides by the Fisher, but {sum(zeros.values())} selected entries are "
+                f"zero (e.g. {zeros[example]} in {example}). Use update='fisher' with damping > 0 instead."
+            )
+        lam = 0.0
+    else:
+        lam = damping * fisher.mean(names)
+    scale = {}
+    for name in names:
+        value = fisher[name].to(params[name].device, torch.float64)
+        scale[name] = (1.0 / (float(num_train) * (value + lam))).to(torch.float32)
+    return scale
+
+
+@dataclass
+class UnlearningRecord:
+    update: str
+    steps: int
+    step_size: float
+    num_samples: int
+    num_train: float | None
+    damping: float
+    loss_before: float
+    loss_after: float | None
+    step_losses: list[float] = field(default_factory=list)
+    relative_change: float = 0.0  # ||θ - θ₀|| / ||θ₀|| over the selected weights
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def unlearn(
+    model: TextToImageModel,
+    latents: torch.Tensor,
+    captions: str | Sequence[str],
+    fisher: FisherDiagonal | None,
+    params: str | Mapping[str, torch.Tensor] = "kv",
+    steps: int = 1,
+    step_size: float = 0.01,
+    num_samples: int = 64,
+    num_train: float | None = None,
+    damping: float = 0.1,
+    update: str = "fisher",
+    seed: int = 0,
+    mask: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    track_loss: bool = True,
+) -> UnlearningRecord:
+    """`steps` updates θ ← θ + α P⁻¹ ∇θ L(ẑ) on the selected weights, in place (see the module
+    docstring for P per update rule). `num_train` is N (default: the Fisher's number of examples).
+    Wrap in `preserved_parameters(params)` to get θ₀ back afterwards."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    selected = select_parameters(model.unet, params) if isinstance(params, str) else dict(params)
+    scale = inverse_preconditioner(fisher, selected, update, num_train, damping)
+    if scale is not None and num_train is None:
+        num_train = float(fisher.metadata["num_examples"])  # type: ignore[union-attr]
+    latents = prepare_query(model, latents)
+    prepare_mask(mask, model.latent_shape)
+    original = {name: p.detach().clone() for name, p in selected.items()}
+    step_losses = []
+    for step in range(steps):
+        gradient, loss = query_loss_gradient(
+            model, latents, captions, selected, num_samples, seed, mask, step, chunk_size, return_loss=True
+        )
+        step_losses.append(loss)
+        with torch.no_grad():
+            for name, param in selected.items():
+                direction = gradient[name] if scale is None else gradient[name] * scale[name]
+                param.add_(direction.to(param.dtype), alpha=step_size)
+    loss_after = (
+        query_loss(model, latents, captions, num_samples, seed, mask, 0, chunk_size) if track_loss else None
+    )
+    with torch.no_grad():
+        moved = sum(float((p.double() - original[n].double()).pow(2).sum()) for n, p in selected.items())
+        norm = sum(float(original[n].double().pow(2).sum()) for n in selected)
+    return UnlearningRecord(
+        update=update,
+        steps=steps,
+        step_size=step_size,
+        num_samples=num_samples,
+        num_train=num_train,
+        damping=damping if update == "fisher" else 0.0,
+        loss_before=step_losses[0],
+        loss_after=loss_after,
+        step_losses=step_losses,
+        relative_change=(moved / norm) ** 0.5 if norm > 0 else float("inf"),
+    )
+
+
+class ParameterSnapshot:
+    """Copies of parameters taken now, written back by `restore()`."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
+        self.params = dict(params)
+        self.saved = {name: p.detach().clone() for name, p in self.params.items()}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(self.saved[name])
+
+
+@contextmanager
+def preserved_parameters(params: Mapping[str, torch.Tensor]) -> Iterator[ParameterSnapshot]:
+    """Snapshot the parameters, run the block (e.g. unlearn + score), then restore θ₀ even on error."""
+    snapshot = ParameterSnapshot(params)
+    try:
+        yield snapshot
+    finally:
+        snapshot.restore()
