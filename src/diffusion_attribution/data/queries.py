@@ -188,6 +188,12 @@ def build_queries(
     """Every query with its image and latent; generated ones are saved (PNG + latent) in `out_dir`."""
     specs = query_specs(cfg)
     resolution = model.image_resolution
+    # Validate every mask and read every image before sampling: a bad query fails fast, not after
+    # the generation of the others has been paid for.
+    masks = [build_mask(spec, resolution) for spec in specs]
+    images = {
+        n: load_query_image(spec["image"], resolution) for n, spec in enumerate(specs) if "image" in spec
+    }
     prompt_specs = [s for s in specs if "prompt" in s]
     generated = None
     if prompt_specs:
@@ -201,8 +207,7 @@ def build_queries(
         )
     queries: list[Query] = []
     g = 0
-    for spec in specs:
-        mask = build_mask(spec, resolution)
+    for n, (spec, mask) in enumerate(zip(specs, masks, strict=True)):
         source = {k: v for k, v in spec.items() if k not in ("caption",)}
         if "prompt" in spec:
             assert generated is not None
@@ -211,7 +216,7 @@ def build_queries(
             g += 1
             caption = spec["prompt"]
         else:
-            image = load_query_image(spec["image"], resolution)
+            image = images[n]
             with torch.no_grad():
                 latent = model.encode_images(image[None].to(model.device))[0].cpu()
             caption = spec["caption"]
@@ -230,7 +235,9 @@ def save_queries(queries: Sequence[Query], out_dir: str | Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for k, q in enumerate(queries):
         tensor_to_image(q.image).save(out / f"query_{k:03d}.png")
-        tensors = {"latent": q.latent.contiguous(), "image": q.image.contiguous()}
+        # clone: for a pixel-space model an image query's latent is the image tensor itself, and
+        # safetensors refuses to save two entries that share memory.
+        tensors = {"latent": q.latent.clone().contiguous(), "image": q.image.clone().contiguous()}
         if q.mask is not None:
             tensors["mask"] = q.mask.contiguous()
         save_file(tensors, out / f"query_{k:03d}.safetensors")

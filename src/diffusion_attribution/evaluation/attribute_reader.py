@@ -8,6 +8,7 @@ held-out real images is stored with the weights and printed by the fidelity benc
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import replace
@@ -93,9 +94,9 @@ def reader_world(world: ShapesWorldConfig, seed: int, size: int) -> ShapesWorldC
 
 def train_attribute_reader(
     world: ShapesWorldConfig,
-    train_size: int = 12000,
+    train_size: int = 6000,
     test_size: int = 3000,
-    epochs: int = 6,
+    epochs: int = 4,
     seed: int = 12345,
 ) -> tuple[AttributeReader, dict[str, float]]:
     torch.manual_seed(seed)
@@ -140,7 +141,9 @@ def load_or_train_reader(
 ) -> tuple[AttributeReader, dict[str, float]]:
     """The reader for this world's vocabulary, trained once and cached (safetensors + JSON)."""
     vocab_key = replace(world, seed=0, num_common=0, images_per_rare_concept=0).fingerprint()
-    root = Path(cache_dir) / f"attribute-reader-{vocab_key}"
+    recipe = inspect.signature(train_attribute_reader).parameters
+    recipe_key = "-".join(str(recipe[k].default) for k in ("train_size", "test_size", "epochs", "seed"))
+    root = Path(cache_dir) / f"attribute-reader-{vocab_key}-{recipe_key}"
     weights, meta = root / "reader.safetensors", root / "reader.json"
     if weights.is_file() and meta.is_file():
         info = json.loads(meta.read_text())

@@ -54,7 +54,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
             dirpath=run_dir / "checkpoints",
             every_n_train_steps=cfg.training.checkpoint_every_n_steps,
             save_last=True,
-            save_top_k=0,
+            save_top_k=-1 if cfg.training.get("keep_checkpoints") else 0,  # -1: keep every one (curves)
+            filename="step_{step:06d}",
+            auto_insert_metric_name=False,
         ),
         SampleGridCallback(out_dir=str(run_dir / "samples"), **cfg.samples),
         ProgressLogCallback(cfg.training.get("log_every_n_steps", 50)),
@@ -69,3 +71,17 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
         log.info("Checkpoint (EMA weights) written to %s", checkpoint)
     trainer.strategy.barrier()  # other ranks return only once the checkpoint exists
     return checkpoint
+
+
+def export_lightning_checkpoint(cfg: DictConfig, ckpt_path: str | Path, out_dir: str | Path) -> Path:
+    """A periodic Lightning checkpoint of a run -> a diffusers-style checkpoint folder of its EMA
+    weights (what the run would have exported had it stopped there). Loaded with weights_only=True."""
+    datamodule: CaptionedImageDataModule = hydra.utils.instantiate(cfg.data)
+    model = model_from_config(cfg.model, datamodule.source.all_captions())
+    module = DiffusionTrainingModule(model, max_steps=cfg.training.max_steps, **cfg.training.optim)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    module.on_load_checkpoint(state)
+    with module.ema_weights() as ema_model:
+        ema_model.save_pretrained(out_dir, config=cfg)
+    return Path(out_dir)
