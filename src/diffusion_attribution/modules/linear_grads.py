@@ -1,0 +1,88 @@
+"""Exact per-sample squared gradients of Linear layers from ONE batched backward pass.
+
+For a Linear layer y = W a + b applied to tokens, example b's gradient is G_b = Σ_tokens g_bt a_btᵀ
+(g = ∂L/∂y): the layer's inputs a (saved by a forward hook) and output gradients g (saved by a
+tensor hook) are all it takes. This is exact whenever the batch's examples do not interact, as in
+a diffusers UNet (GroupNorm and attention are per example, no BatchNorm), and it costs one ordinary
+forward + backward, where vmap over the whole UNet costs many times more on CPU. The cross-attention
+key/value weights (the default unlearning subset) are Linear layers, so the Fisher takes this path;
+subsets with convolutions fall back to vmap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+
+def linear_owners(unet: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, tuple[nn.Linear, str]] | None:
+    """name -> (its nn.Linear, 'weight' | 'bias') if every selected parameter belongs to a Linear."""
+    owners: dict[str, tuple[nn.Linear, str]] = {}
+    for name in params:
+        module_name, _, attr = name.rpartition(".")
+        module = unet.get_submodule(module_name) if module_name else unet
+        if not isinstance(module, nn.Linear) or attr not in ("weight", "bias"):
+            return None
+        owners[name] = (module, attr)
+    return owners
+
+
+def linear_squared_grad_sums(
+    unet: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    per_example_loss: Callable[[], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Σ_b (∂L_b/∂θ)² (float64) for Linear parameters θ, where `per_example_loss()` runs the forward
+    pass and returns the [B] per-example losses. Raises ValueError if a parameter is not a Linear's."""
+    owners = linear_owners(unet, params)
+    if owners is None:
+        raise ValueError("linear_squared_grad_sums needs parameters of nn.Linear layers only.")
+    modules = {id(m): m for m, _ in owners.values()}
+    inputs: dict[int, list[torch.Tensor]] = {k: [] for k in modules}
+    grads: dict[int, list[torch.Tensor]] = {k: [] for k in modules}
+
+    def forward_hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        key = id(module)
+        inputs[key].append(args[0].detach())
+        output.register_hook(lambda g: grads[key].append(g.detach()))
+
+    handles = [m.register_forward_hook(forward_hook) for m in modules.values()]
+    # Only the selected weights track gradients: the backward stops where nothing needs it.
+    flags = {p: p.requires_grad for p in unet.parameters()}
+    selected = [params[n] for n in owners]
+    try:
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        for p in selected:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            losses = per_example_loss()
+            torch.autograd.grad(losses.sum(), selected)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+    per_module: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key in modules:
+        calls_in, calls_grad = inputs[key], list(reversed(grads[key]))  # gradients arrive last call first
+        if len(calls_in) != len(calls_grad):
+            raise RuntimeError("A selected Linear layer's output did not receive a gradient on every call.")
+        weight_grad, bias_grad = None, None
+        for a, g in zip(calls_in, calls_grad, strict=True):
+            a3 = a.reshape(a.shape[0], -1, a.shape[-1]).double()
+            g3 = g.reshape(g.shape[0], -1, g.shape[-1]).double()
+            w = torch.einsum("bno,bni->boi", g3, a3)
+            b = g3.sum(1)
+            weight_grad = w if weight_grad is None else weight_grad + w
+            bias_grad = b if bias_grad is None else bias_grad + b
+        per_module[key] = (weight_grad, bias_grad)  # type: ignore[assignment]
+    out = {}
+    for name, (module, attr) in owners.items():
+        weight_grad, bias_grad = per_module[id(module)]
+        per_sample = weight_grad if attr == "weight" else bias_grad
+        out[name] = per_sample.pow(2).sum(0)
+    return out
