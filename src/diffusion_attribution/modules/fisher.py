@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 # Separates the Fisher's random stream from every other keyed stream (loss sweep, query samples).
 FISHER_STREAM = 7_146_081
 METADATA_KEY = "diffusion_attribution.fisher"
+NAMES_KEY = "diffusion_attribution.fisher.names"  # safetensors sorts tensors; keep the model's order
 FISHER_METHODS = ("auto", "vmap", "loop")
 
 
@@ -250,7 +251,7 @@ class FisherDiagonal:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {n: v.detach().to("cpu", torch.float32).contiguous() for n, v in self.values.items()}
         text = json.dumps(self.metadata, sort_keys=True, default=str)
-        save_file(tensors, str(path), metadata={METADATA_KEY: text})
+        save_file(tensors, str(path), metadata={METADATA_KEY: text, NAMES_KEY: json.dumps(list(tensors))})
         path.with_suffix(".json").write_text(json.dumps(self.metadata, indent=2, sort_keys=True, default=str))
         return path
 
@@ -263,7 +264,8 @@ class FisherDiagonal:
             )
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             header = handle.metadata() or {}
-            values = {name: handle.get_tensor(name) for name in handle.keys()}
+            names = json.loads(header[NAMES_KEY]) if NAMES_KEY in header else sorted(handle.keys())
+            values = {name: handle.get_tensor(name) for name in names}
         metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
         return cls(values, metadata)
 
