@@ -45,6 +45,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = OmegaConf.load(args.run_dir / ".hydra" / "config.yaml")
+    cfg.pop("logger", None)  # its ${hydra:...} paths only resolve inside the training job
     minutes = minutes_at_steps(args.run_dir / "train.log")
     checkpoints = sorted((args.run_dir / "checkpoints").glob("step_*.ckpt"))
     if not checkpoints:
