@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 
-def linear_owners(unet: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, tuple[nn.Linear, str]] | None:
+def linear_owners(
+    unet: nn.Module, params: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[nn.Linear, str]] | None:
     """name -> (its nn.Linear, 'weight' | 'bias') if every selected parameter belongs to a Linear."""
     owners: dict[str, tuple[nn.Linear, str]] = {}
     for name in params:
