@@ -65,6 +65,10 @@ def retrieval_metrics(scores: np.ndarray, relevant: list[np.ndarray]) -> list[di
         target[torch.as_tensor(relevant[q])] = True
         preds = torch.as_tensor(scores[q], dtype=torch.float64)
         preds = torch.nan_to_num(preds, nan=-torch.inf)  # excluded / unscored ids rank last
+        # torchmetrics' retrieval metrics count an item with a score <= 0 as not retrieved at all,
+        # while attribution scores (loss changes) are often negative: pass the dense rank instead
+        # (1 = lowest score), which keeps the order and the ties and is always positive.
+        preds = (torch.unique(preds, return_inverse=True)[1] + 1).to(torch.float64)
         indexes = torch.zeros(num_train, dtype=torch.long)
         rows.append({name: float(m(preds, target, indexes=indexes)) for name, m in metrics.items()})
         for m in metrics.values():

@@ -95,8 +95,9 @@ def run_attribution(cfg: DictConfig, run_dir: str | Path) -> np.ndarray:
     model = model_from_config(cfg.model)
     model.to("cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu").eval()
     check_vocabulary(model, datamodule.source.all_captions())
-    queries = build_queries(cfg.query, model, run_dir, **cfg.query.sampler)
+    # The method's settings are checked (by its constructor) before any query is generated.
     attributor: Attributor = hydra.utils.instantiate(cfg.method)
+    queries = build_queries(cfg.query, model, run_dir, **cfg.query.sampler)
     context = AttributionContext(Path(cfg.cache_dir), run_dir, trainer_kwargs(cfg), int(cfg.seed))
     started = time.perf_counter()
     attributor.prepare(model, datamodule, context)

@@ -21,12 +21,12 @@ from ..data.base import CaptionedImageDataModule
 from ..data.queries import Query
 from ..models.pipeline import TextToImageModel
 from ..modules.fisher import FisherDiagonal
-from ..modules.loss_sweep import unlearning_scores
+from ..modules.loss_sweep import FLIP_REDUCTIONS, unlearning_scores
 from ..modules.sharded_sweep import SweepConfig, run_fisher, run_loss_sweep
-from ..modules.unlearning import preserved_parameters, unlearn
+from ..modules.unlearning import UPDATES, preserved_parameters, unlearn
 from ..utils.fingerprint import data_fingerprint, hash_json, model_fingerprint, module_fingerprint
 from .base import AttributionContext, Attributor
-from .weight_subsets import count_parameters, select_parameters
+from .weight_subsets import SUBSETS, count_parameters, describe_subsets, select_parameters
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,14 @@ class UnlearningAttributor(Attributor):
         chunk_size: int = 64,
     ) -> None:
         super().__init__()
+        # Checked here, when the config is read: an unknown update would otherwise surface only in
+        # score(), after the Fisher and the before-unlearning sweep had been paid for.
+        if params not in SUBSETS:
+            raise ValueError(f"Unknown method.params={params!r}. Options: {describe_subsets()}.")
+        if update not in UPDATES:
+            raise ValueError(f"Unknown method.update={update!r}; options: {UPDATES}.")
+        if flip_reduction not in FLIP_REDUCTIONS:
+            raise ValueError(f"Unknown method.flip_reduction={flip_reduction!r}; options: {FLIP_REDUCTIONS}.")
         self.params = params
         self.update = update
         self.steps = steps
