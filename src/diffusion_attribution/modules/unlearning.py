@@ -16,8 +16,9 @@ Update rules (`update=`):
   chance); `fisher` may be None.
 
 The query loss is estimated from `num_samples` (timestep, noise) pairs keyed by (seed, step, sample
-index): each step draws fresh pairs, and the recorded loss before/after uses the step-0 pairs, so the
-two numbers are comparable. Samples cycle through the captions given.
+index), the timesteps stratified over [0, T) (see `query_draws`). Each step draws fresh pairs; the
+recorded loss before/after uses the step-0 pairs, so the two numbers are comparable. Samples cycle
+through the captions given.
 """
 
 from __future__ import annotations
@@ -109,13 +110,25 @@ def _captions(captions: str | Sequence[str]) -> list[str]:
 
 
 def query_draws(
-    seed: int, step: int, num_samples: int, latent_shape: Sequence[int], num_timesteps: int
+    seed: int,
+    step: int,
+    num_samples: int,
+    latent_shape: Sequence[int],
+    num_timesteps: int,
+    stratified: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps [S] (uniform) and noise [S, *latent_shape] for the query loss at an unlearning step."""
+    """Timesteps [S] and noise [S, *latent_shape] for the query loss at an unlearning step.
+
+    Timesteps are uniform over [0, num_timesteps). Stratified (default): sample j is uniform within
+    the j-th of S equal strata, which keeps the estimate of the mean over timesteps unbiased and
+    removes most of its variance (the loss varies far more with t than with the noise).
+    """
     timesteps, noise = [], []
     for index in range(num_samples):
         generator = keyed_generator(seed, QUERY_STREAM, step, index)
-        timesteps.append(int(torch.randint(num_timesteps, (), generator=generator)))
+        u = float(torch.rand((), generator=generator))
+        position = (index + u) / num_samples if stratified else u
+        timesteps.append(min(int(position * num_timesteps), num_timesteps - 1))
         noise.append(torch.randn(tuple(latent_shape), generator=generator))
     return torch.tensor(timesteps, dtype=torch.long), torch.stack(noise)
 
@@ -129,13 +142,14 @@ def _query_chunks(
     seed: int,
     step: int,
     chunk_size: int,
+    stratified: bool,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(noisy, timesteps, text_states, target) chunks covering the step's samples."""
     if num_samples < 1 or chunk_size < 1:
         raise ValueError("num_samples and chunk_size must be at least 1.")
     device = model.device
     num_timesteps = int(model.scheduler.config.num_train_timesteps)
-    timesteps, noise = query_draws(seed, step, num_samples, model.latent_shape, num_timesteps)
+    timesteps, noise = query_draws(seed, step, num_samples, model.latent_shape, num_timesteps, stratified)
     states = encode_captions(model, captions)
     for begin in range(0, num_samples, chunk_size):
         t = timesteps[begin : begin + chunk_size].to(device)
@@ -155,6 +169,7 @@ def query_loss(
     mask: torch.Tensor | None = None,
     step: int = 0,
     chunk_size: int = 64,
+    stratified: bool = True,
 ) -> float:
     """Mean noise-prediction loss of the query over its keyed (timestep, noise) samples."""
     latents = prepare_query(model, latents).to(model.device, model.unet.dtype)
@@ -163,7 +178,7 @@ def query_loss(
     total = 0.0
     with evaluation_mode(model), torch.no_grad():
         for noisy, t, text, target in _query_chunks(
-            model, latents, _captions(captions), num_samples, seed, step, chunk_size
+            model, latents, _captions(captions), num_samples, seed, step, chunk_size, stratified
         ):
             total += float(squared_error(model.predict(noisy, t, text), target, weights).double().sum())
     return total / num_samples
@@ -180,6 +195,7 @@ def query_loss_gradient(
     step: int = 0,
     chunk_size: int = 64,
     return_loss: bool = False,
+    stratified: bool = True,
 ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], float]:
     """∇θ of the mean query loss over `num_samples` keyed (timestep, noise) pairs, w.r.t. `params`
     (names in model.unet), accumulated over chunks of `chunk_size` so memory stays bounded. With a
@@ -197,7 +213,7 @@ def query_loss_gradient(
     loss = 0.0
     with evaluation_mode(model), torch.no_grad():  # grad_and_value differentiates regardless
         for noisy, t, text, target in _query_chunks(
-            model, latents, _captions(captions), num_samples, seed, step, chunk_size
+            model, latents, _captions(captions), num_samples, seed, step, chunk_size, stratified
         ):
             chunk_grad, value = grad_and_value(chunk_loss)(theta, noisy, t, text, target)
             for name, g in chunk_grad.items():
@@ -284,6 +300,7 @@ def unlearn(
     mask: torch.Tensor | None = None,
     chunk_size: int = 64,
     track_loss: bool = True,
+    stratified: bool = True,
 ) -> UnlearningRecord:
     """`steps` updates θ ← θ + α P⁻¹ ∇θ L(ẑ) on the selected weights, in place (see the module
     docstring for P per update rule). `num_train` is N (default: the Fisher's number of examples).
@@ -300,7 +317,17 @@ def unlearn(
     step_losses = []
     for step in range(steps):
         gradient, loss = query_loss_gradient(
-            model, latents, captions, selected, num_samples, seed, mask, step, chunk_size, return_loss=True
+            model,
+            latents,
+            captions,
+            selected,
+            num_samples,
+            seed,
+            mask,
+            step,
+            chunk_size,
+            return_loss=True,
+            stratified=stratified,
         )
         step_losses.append(loss)
         with torch.no_grad():
@@ -308,7 +335,9 @@ def unlearn(
                 direction = gradient[name] if scale is None else gradient[name] * scale[name]
                 param.add_(direction.to(param.dtype), alpha=step_size)
     loss_after = (
-        query_loss(model, latents, captions, num_samples, seed, mask, 0, chunk_size) if track_loss else None
+        query_loss(model, latents, captions, num_samples, seed, mask, 0, chunk_size, stratified)
+        if track_loss
+        else None
     )
     with torch.no_grad():
         moved = sum(float((p.double() - original[n].double()).pow(2).sum()) for n, p in selected.items())

@@ -1,0 +1,149 @@
+"""The deterministic per-sample loss: keyed noise, independent of batch size and order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from diffusion_attribution.data.base import CaptionedImageDataset, CaptionedImageSource
+from diffusion_attribution.data.shapes import ShapesDataModule
+from diffusion_attribution.models.build import build_tiny_model
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.modules.loss_sweep import per_sample_losses, reduce_flips, unlearning_scores
+from diffusion_attribution.utils.seeding import keyed_randn
+
+TINY = Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml"
+# conf/model/tiny.yaml shrunk further (16x16, narrower) so the unit tests run in seconds.
+SMALLER = {
+    "resolution": 16,
+    "unet": {"block_out_channels": [8, 8, 16], "norm_num_groups": 4, "attention_head_dim": 4},
+    "text_encoder": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    },
+}
+TIMESTEPS = [0, 250, 500, 999]
+
+
+def small_model(captions: list[str]) -> TextToImageModel:
+    cfg = OmegaConf.merge(OmegaConf.load(TINY), SMALLER)
+    torch.manual_seed(0)
+    return build_tiny_model(
+        captions,
+        resolution=cfg.resolution,
+        unet=cfg.unet,
+        text_encoder=cfg.text_encoder,
+        scheduler=cfg.scheduler,
+        max_length=cfg.max_length,
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[TextToImageModel, CaptionedImageDataset]:
+    data = ShapesDataModule(
+        num_common=32,
+        images_per_rare_concept=2,
+        cache_dir=str(tmp_path_factory.mktemp("shapes")),
+        resolution=SMALLER["resolution"],
+    )
+    dataset = data.full_dataset()
+    return small_model(dataset.source.all_captions()), dataset
+
+
+def test_independent_of_batch_size_and_order(world) -> None:
+    model, dataset = world
+    ids = list(range(0, 40, 4))
+    args = {"timesteps": TIMESTEPS, "caption_indices": [0, 2], "flips": (False, True), "seed": 3}
+    small = per_sample_losses(model, dataset, ids, batch_size=3, **args)
+    large = per_sample_losses(model, dataset, ids, batch_size=16, **args)
+    assert small.shape == (len(ids), 2, 2)
+    assert torch.isfinite(small).all()
+    torch.testing.assert_close(small, large, rtol=0, atol=1e-6)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))
+    shuffled = per_sample_losses(model, dataset, [ids[i] for i in order], batch_size=7, **args)
+    torch.testing.assert_close(shuffled, small[order], rtol=0, atol=1e-6)
+    # a different seed is different noise
+    other = per_sample_losses(model, dataset, ids, batch_size=16, **{**args, "seed": 4})
+    assert not torch.allclose(other, small)
+
+
+def test_matches_a_direct_computation(world) -> None:
+    model, dataset = world
+    example_id, caption_index, flip = 5, 1, True
+    losses = per_sample_losses(model, dataset, [example_id], TIMESTEPS, [caption_index], [flip], 11, 64)
+    example = dataset.example(example_id, caption_index, flip)
+    latents = model.encode_images(example["pixel_values"][None])
+    expected = []
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            noise = keyed_randn(model.latent_shape, 11, example_id, caption_index, t, 1)[None]
+            timestep = torch.tensor([t])
+            prediction = model.predict(
+                model.add_noise(latents, noise, timestep), timestep, model.encode_text([example["caption"]])
+            )
+            target = model.target(latents, noise, timestep)
+            expected.append(((prediction - target) ** 2).mean())
+    torch.testing.assert_close(losses[0, 0, 0], torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
+
+
+class UnevenCaptions(CaptionedImageSource):
+    """Three grey images with 1, 3 and 2 captions."""
+
+    texts = [["a dark square"], ["a mid square", "grey", "a grey square"], ["a light square", "light"]]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def captions(self, idx: int) -> list[str]:
+        return self.texts[idx]
+
+    def load_image(self, idx: int) -> Image.Image:
+        return Image.new("RGB", (16, 16), (60 + 60 * idx,) * 3)
+
+    def file_name(self, idx: int) -> str:
+        return f"{idx}.png"
+
+
+def test_missing_captions_are_nan_and_skipped_by_scores() -> None:
+    source = UnevenCaptions()
+    model = small_model(source.all_captions())
+    dataset = CaptionedImageDataset(source, resolution=16)
+    losses = per_sample_losses(model, dataset, [0, 1, 2], [100, 900], None, (False,), 0, 4)
+    assert losses.shape == (3, 3, 1)
+    has = torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    assert torch.isfinite(losses[..., 0][has]).all()
+    assert torch.isnan(losses[..., 0][~has]).all()
+    explicit = per_sample_losses(model, dataset, [1, 2], [100, 900], [1], (False,), 0, 4)
+    torch.testing.assert_close(explicit[:, 0], losses[1:, 1], equal_nan=True, rtol=0, atol=1e-6)
+    scores = unlearning_scores(losses, losses + 1.0)
+    torch.testing.assert_close(scores, torch.ones(3))
+
+
+def test_scores_average_captions_then_take_the_max_over_flips() -> None:
+    before = torch.zeros(2, 2, 2)
+    after = torch.tensor([[[1.0, 4.0], [3.0, 0.0]], [[2.0, 2.0], [float("nan"), float("nan")]]])
+    # example 0: caption means per flip (2, 2) -> max 2; example 1: only caption 0 -> (2, 2) -> 2
+    torch.testing.assert_close(unlearning_scores(before, after), torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(unlearning_scores(before, after, "min"), torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(reduce_flips(after[0]), torch.tensor([4.0, 3.0]))
+    torch.testing.assert_close(reduce_flips(after[0], "mean"), torch.tensor([2.5, 1.5]))
+    with pytest.raises(ValueError, match="flip reduction"):
+        reduce_flips(after, "median")
+    with pytest.raises(ValueError, match="differ in shape"):
+        unlearning_scores(before, after[:1])
+
+
+def test_bad_inputs(world) -> None:
+    model, dataset = world
+    with pytest.raises(ValueError, match="outside the model's range"):
+        per_sample_losses(model, dataset, [0], [1000])
+    with pytest.raises(ValueError, match="at least one timestep"):
+        per_sample_losses(model, dataset, [0], [])
+    with pytest.raises(ValueError, match="batch_size"):
+        per_sample_losses(model, dataset, [0], [0], batch_size=0)
