@@ -88,8 +88,6 @@ def claim_run_dir(run_dir: Path, cfg: DictConfig) -> None:
 
 def run_attribution(cfg: DictConfig, run_dir: str | Path) -> np.ndarray:
     run_dir = Path(run_dir)
-    claim_run_dir(run_dir, cfg)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed)
     datamodule: CaptionedImageDataModule = hydra.utils.instantiate(cfg.data)
     model = model_from_config(cfg.model)
@@ -97,6 +95,10 @@ def run_attribution(cfg: DictConfig, run_dir: str | Path) -> np.ndarray:
     check_vocabulary(model, datamodule.source.all_captions())
     # The method's settings are checked (by its constructor) before any query is generated.
     attributor: Attributor = hydra.utils.instantiate(cfg.method)
+    # Claimed only once the inputs are known to be good: a run that fails on a bad model path or
+    # method setting leaves the directory free for the corrected rerun.
+    claim_run_dir(run_dir, cfg)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     queries = build_queries(cfg.query, model, run_dir, **cfg.query.sampler)
     context = AttributionContext(Path(cfg.cache_dir), run_dir, trainer_kwargs(cfg), int(cfg.seed))
     started = time.perf_counter()
