@@ -59,8 +59,8 @@ for q, (k, *_) in enumerate(queries):
             alpha,
             "damping",
             damp,
-            "query loss %.4f->%.4f" % (rec.loss_before, rec.loss_after),
-            "AP %.3f" % ap(sc, target).item(),
-            "mean dloss %.2e top %.2e" % (sc.mean().item(), sc.topk(10).values.mean().item()),
+            f"query loss {rec.loss_before:.4f}->{rec.loss_after:.4f}",
+            f"AP {ap(sc, target).item():.3f}",
+            f"mean dloss {sc.mean().item():.2e} top {sc.topk(10).values.mean().item():.2e}",
             flush=True,
         )
