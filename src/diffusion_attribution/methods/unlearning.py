@@ -23,7 +23,7 @@ from ..models.pipeline import TextToImageModel
 from ..modules.fisher import FisherDiagonal
 from ..modules.loss_sweep import FLIP_REDUCTIONS, unlearning_scores
 from ..modules.sharded_sweep import SweepConfig, run_fisher, run_loss_sweep
-from ..modules.unlearning import UPDATES, preserved_parameters, unlearn
+from ..modules.unlearning import UPDATES, mask_to_latent, preserved_parameters, unlearn
 from ..utils.fingerprint import data_fingerprint, hash_json, model_fingerprint, module_fingerprint
 from .base import AttributionContext, Attributor
 from .weight_subsets import SUBSETS, count_parameters, describe_subsets, select_parameters
@@ -210,7 +210,10 @@ class UnlearningAttributor(Attributor):
                     damping=self.damping,
                     update=self.update,
                     seed=self.context.seed,
-                    mask=query.mask,
+                    # masks come at image resolution; latent models unlearn at latent resolution
+                    mask=None
+                    if query.mask is None
+                    else mask_to_latent(query.mask, self.model.latent_shape[-2:]),
                     chunk_size=self.chunk_size,
                 )
                 unlearned = module_fingerprint(self.model.unet)
