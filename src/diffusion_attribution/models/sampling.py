@@ -60,7 +60,10 @@ def generate(
             timesteps = torch.full((model_in.shape[0],), int(t), device=model.device, dtype=torch.long)
             pred_uncond, pred_text = model.predict(model_in, timesteps, torch.cat([uncond, text])).chunk(2)
             pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
-            kwargs = {"eta": eta} if sampler == "ddim" else {}
+            # DDIM re-derives its noise estimate from the clipped x0: with clip_sample on, v-prediction
+            # and guidance, the unclipped estimate disagrees with the clipped x0 and the deterministic
+            # sampler drifts into saturated noise (DDPM's posterior step has no such mismatch).
+            kwargs = {"eta": eta, "use_clipped_model_output": True} if sampler == "ddim" else {}
             step_noise_generator = generators if (sampler == "ddpm" or eta > 0) else None
             latents = scheduler.step(pred, t, latents, generator=step_noise_generator, **kwargs).prev_sample
         outputs_latents.append(latents)
