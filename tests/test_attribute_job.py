@@ -18,7 +18,11 @@ from PIL import Image
 
 from diffusion_attribution.data.base import tensor_to_image
 from diffusion_attribution.data.shapes import ShapesDataModule
-from diffusion_attribution.jobs.attribute import VocabularyMismatchError, run_attribution
+from diffusion_attribution.jobs.attribute import (
+    TrainingDataMismatchError,
+    VocabularyMismatchError,
+    run_attribution,
+)
 from diffusion_attribution.jobs.train import run_training
 from diffusion_attribution.models.build import build_tiny_model
 from diffusion_attribution.models.pipeline import CheckpointError
@@ -323,6 +327,19 @@ def test_a_model_trained_on_other_words(world_overrides, tiny_model_settings, tm
     run_dir = tmp_path / "run"
     cfg = attribute_cfg(checkpoint, world_overrides, run_dir, f"query.prompts=['{PROMPT}']", *FAST_METHOD)
     with pytest.raises(VocabularyMismatchError, match=r"does not know .* words in the data's captions"):
+        run_attribution(cfg, run_dir)
+    assert not (run_dir / "queries").exists() and not (tmp_path / "cache").exists()
+
+
+def test_data_other_than_the_models_training_data(checkpoint, world_overrides, tmp_path: Path) -> None:
+    # Same words, other examples: the vocabulary check cannot see it, the recorded training config can.
+    run_dir = tmp_path / "run"
+    other_world = [*world_overrides, f"data.num_common={WORLD['num_common'] + 8}", "data.batch_size=7"]
+    cfg = attribute_cfg(checkpoint, other_world, run_dir, f"query.prompts=['{PROMPT}']", *FAST_METHOD)
+    with pytest.raises(
+        TrainingDataMismatchError,
+        match=rf"trained on different data: num_common differ .* add: data.num_common={WORLD['num_common']}$",
+    ):
         run_attribution(cfg, run_dir)
     assert not (run_dir / "queries").exists() and not (tmp_path / "cache").exists()
 

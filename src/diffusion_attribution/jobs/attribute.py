@@ -20,7 +20,7 @@ from ..data.base import CaptionedImageDataModule
 from ..data.queries import Query, build_queries
 from ..methods.base import AttributionContext, Attributor
 from ..models.loading import model_from_config
-from ..models.pipeline import TextToImageModel
+from ..models.pipeline import CONFIG_FILE, TextToImageModel
 from ..models.tokenizer import caption_words, is_word_level
 from ..utils.fingerprint import hash_json
 from ..utils.images import titled_grid
@@ -60,6 +60,42 @@ def check_vocabulary(
         )
 
 
+# Data settings that only change how examples are loaded, not which examples there are.
+LOADER_ONLY_DATA_KEYS = frozenset(
+    {"batch_size", "num_workers", "cache_dir", "cache_images", "sample_prompts", "random_flip", "exclude"}
+)
+
+
+class TrainingDataMismatchError(ValueError):
+    pass
+
+
+def check_training_data(model_path: str | Path | None, data_cfg: DictConfig) -> None:
+    """Attribution ranks the model's own training set: a checkpoint written by train.py records the
+    data it was trained on, and data= here must describe the same examples (same ids)."""
+    if not model_path:
+        return
+    config_file = Path(model_path) / CONFIG_FILE
+    if not config_file.is_file():
+        return  # a pipeline not trained here (e.g. Stable Diffusion): nothing to compare against
+    trained = OmegaConf.load(config_file).get("data")
+    if not trained or trained.get("_target_") != data_cfg.get("_target_"):
+        return  # other data kinds (folder vs coco) are the user's call; the vocabulary check still runs
+    mine = OmegaConf.to_container(data_cfg, resolve=True)
+    theirs = OmegaConf.to_container(trained, resolve=True)
+    differing = sorted(
+        key
+        for key in set(mine) | set(theirs)
+        if key not in LOADER_ONLY_DATA_KEYS and mine.get(key) != theirs.get(key)
+    )
+    if differing:
+        fix = " ".join(f"data.{key}={json.dumps(theirs.get(key)).replace(' ', '')}" for key in differing)
+        raise TrainingDataMismatchError(
+            f"{model_path} was trained on different data: {', '.join(differing)} differ from data= here, so "
+            f"training ids would not match. Attribute with the model's training data, e.g. add: {fix}"
+        )
+
+
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     trainer_cfg = cfg.get("trainer")
     if not trainer_cfg:
@@ -92,6 +128,7 @@ def run_attribution(cfg: DictConfig, run_dir: str | Path) -> np.ndarray:
     datamodule: CaptionedImageDataModule = hydra.utils.instantiate(cfg.data)
     model = model_from_config(cfg.model)
     model.to("cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu").eval()
+    check_training_data(cfg.model.get("path"), cfg.data)
     check_vocabulary(model, datamodule.source.all_captions())
     # The method's settings are checked (by its constructor) before any query is generated.
     attributor: Attributor = hydra.utils.instantiate(cfg.method)
