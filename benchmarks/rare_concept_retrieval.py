@@ -1,0 +1,205 @@
+"""The issue-4 quality figure: rare-concept queries attributed by several methods, scored by retrieval.
+
+    python benchmarks/rare_concept_retrieval.py <checkpoint> [--methods unlearning pixel random]
+        [--seeds 0] [--out DIR] [-- attribute.py overrides, e.g. method.step_size=1e-4]
+
+For every rare concept of the checkpoint's embedded world it prompts "a <concept> <colour> <shape> on a
+<background> background" (colour, shape and background drawn from a seeded generator), runs
+`attribute.py` once per method with all these queries, then `evaluate.py benchmark=retrieval` on each
+run (ground truth: the concept's training images). It prints per-query AP, mAP per method, the
+unlearning retention check (query loss before/after, mean loss change of the training set) and the
+time per query, and writes summary.md and retrieval.png under --out. The data settings come from the
+checkpoint's training_config.yaml, so the ids line up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from diffusion_attribution.data.shapes import BACKGROUNDS, COLOURS, SHAPES, prompt_for  # noqa: E402
+from diffusion_attribution.jobs.attribute import LOADER_ONLY_DATA_KEYS  # noqa: E402
+
+
+def data_overrides(checkpoint: Path) -> tuple[list[str], list[str]]:
+    """data.* overrides reproducing the checkpoint's training data, and its rare concepts."""
+    trained = OmegaConf.load(checkpoint / "training_config.yaml")
+    data = OmegaConf.to_container(trained.data, resolve=True)
+    if "ShapesDataModule" not in str(data.get("_target_")):
+        raise SystemExit(
+            f"{checkpoint} was not trained on data=shapes: this benchmark needs the embedded world."
+        )
+    overrides = [
+        f"data.{key}={json.dumps(value).replace(' ', '')}"
+        for key, value in data.items()
+        if key not in LOADER_ONLY_DATA_KEYS and key not in ("_target_", "resolution") and value is not None
+    ]
+    return overrides, list(data["rare_concepts"])
+
+
+def concept_prompts(
+    concepts: list[str], seeds: list[int], generator_seed: int = 0
+) -> tuple[list[str], list[int]]:
+    rng = np.random.default_rng(generator_seed)
+    prompts, prompt_seeds = [], []
+    for concept in concepts:
+        for seed in seeds:
+            colour = str(rng.choice(list(COLOURS)))
+            shape = str(rng.choice(list(SHAPES)))
+            background = str(rng.choice(list(BACKGROUNDS)))
+            prompts.append(prompt_for(colour, shape, background, concept))
+            prompt_seeds.append(int(seed))
+    return prompts, prompt_seeds
+
+
+def run(args: list[str]) -> float:
+    started = time.perf_counter()
+    print("$", " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--methods", nargs="+", default=["unlearning", "pixel", "random"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="sampling seeds per concept")
+    parser.add_argument("--out", type=Path, default=None)
+    # Everything after "--" goes to attribute.py for the unlearning run (e.g. method.damping=1).
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.overrides = argv[split + 1 :]
+    checkpoint = args.checkpoint.resolve()
+    out = (
+        args.out or ROOT / "outputs" / "rare_concept_retrieval" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    ).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: pick a new --out (results are never overwritten).")
+    out.mkdir(parents=True, exist_ok=True)
+    data, concepts = data_overrides(checkpoint)
+    prompts, seeds = concept_prompts(concepts, args.seeds)
+    query = [f"query.prompts={json.dumps(prompts)}", f"query.seeds={json.dumps(seeds)}"]
+
+    results: dict[str, dict] = {}
+    for method in args.methods:
+        run_dir = out / method
+        extra = args.overrides if method == "unlearning" else []
+        wall = run(
+            [
+                "attribute.py",
+                f"model.path={checkpoint}",
+                f"method={method}",
+                *data,
+                *query,
+                *extra,
+                f"hydra.run.dir={run_dir}",
+            ]
+        )
+        run(
+            [
+                "evaluate.py",
+                "benchmark=retrieval",
+                f"scores={run_dir}",
+                *data,
+                f"hydra.run.dir={run_dir}/retrieval",
+            ]
+        )
+        ranking = json.loads((run_dir / "ranking.json").read_text())
+        metrics = json.loads((run_dir / "retrieval" / "metrics.json").read_text())
+        per_query = [
+            {k: float(v) if k not in ("caption",) else v for k, v in row.items()}
+            for row in _read_csv(run_dir / "retrieval" / "retrieval.csv")
+        ]
+        results[method] = {"wall_s": wall, "ranking": ranking, "metrics": metrics, "per_query": per_query}
+
+    lines = summary_lines(results, prompts)
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    plot(results, prompts, out / "retrieval.png")
+    print("\n".join(lines))
+    print(f"\nWrote {out / 'summary.md'} and {out / 'retrieval.png'}")
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def summary_lines(results: dict[str, dict], prompts: list[str]) -> list[str]:
+    methods = list(results)
+    lines = ["| query | " + " | ".join(f"AP {m}" for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    for q, prompt in enumerate(prompts):
+        cells = [f"{results[m]['per_query'][q]['ap']:.3f}" for m in methods]
+        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+    for name in ("ap", "precision@10", "recall@10", "recall@100"):
+        label = "mAP" if name == "ap" else name
+        cells = [
+            f"{r['metrics']['mean'][name]:.3f} ± {r['metrics']['sem'][name]:.3f}" for r in results.values()
+        ]
+        lines.append(f"| **{label}** | " + " | ".join(cells) + " |")
+    if "unlearning" in results:
+        ranking = results["unlearning"]["ranking"]
+        lines += [
+            "",
+            "Unlearning, per query: the query's own loss before -> after, the mean loss change over the training"
+            " set (retention: should be far below the top-10 change), the mean change of the top 10, seconds.",
+            "",
+            "| query | query loss | mean train Δloss | top-10 Δloss | s |",
+            "|---|---|---|---|---|",
+        ]
+        for q in ranking["queries"]:
+            d = q["diagnostics"]
+            lines.append(
+                f"| {q['caption']} | {d['loss_before']:.4f} -> {d['loss_after']:.4f} | "
+                f"{d['mean_train_loss_change']:.2e} | {d['top10_train_loss_change']:.2e} | {d['seconds']:.1f} |"
+            )
+        timing = ranking["timing"]
+        lines.append(
+            f"\nUnlearning timing: prepare (Fisher + before-sweep, cached per model) {timing['prepare_s']:.1f} s, "
+            f"scoring {timing['score_s']:.1f} s for {len(ranking['queries'])} queries "
+            f"({timing['score_s'] / len(ranking['queries']):.1f} s per query); whole attribute.py run "
+            f"{results['unlearning']['wall_s']:.1f} s."
+        )
+    return lines
+
+
+def plot(results: dict[str, dict], prompts: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(results)
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(prompts)), 3.5))
+    for k, method in enumerate(methods):
+        aps = [row["ap"] for row in results[method]["per_query"]]
+        ax.bar(np.arange(len(prompts)) + k * width, aps, width, label=f"{method} (mAP {np.mean(aps):.2f})")
+    ax.set_xticks(np.arange(len(prompts)) + width * (len(methods) - 1) / 2)
+    ax.set_xticklabels([p.split(" on ")[0].removeprefix("a ") for p in prompts], rotation=30, ha="right")
+    ax.set_ylabel("average precision")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("Rare-concept queries: retrieval of the concept's training images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
