@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
+from small_models import SMALLER, small_model
 
 from diffusion_attribution.data.base import CaptionedImageDataset
 from diffusion_attribution.data.shapes import ShapesDataModule
 from diffusion_attribution.methods.weight_subsets import select_parameters
-from diffusion_attribution.models.build import build_tiny_model
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.modules.fisher import (
     FisherDiagonal,
@@ -23,32 +22,6 @@ from diffusion_attribution.modules.fisher import (
     compute_fisher,
     fisher_draw,
 )
-
-TINY = Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml"
-# conf/model/tiny.yaml shrunk further (16x16, narrower) so the unit tests run in seconds.
-SMALLER = {
-    "resolution": 16,
-    "unet": {"block_out_channels": [8, 8, 16], "norm_num_groups": 4, "attention_head_dim": 4},
-    "text_encoder": {
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-    },
-}
-
-
-def small_model(captions: list[str], **scheduler) -> TextToImageModel:
-    cfg = OmegaConf.merge(OmegaConf.load(TINY), SMALLER, {"scheduler": scheduler})
-    torch.manual_seed(0)
-    return build_tiny_model(
-        captions,
-        resolution=cfg.resolution,
-        unet=cfg.unet,
-        text_encoder=cfg.text_encoder,
-        scheduler=cfg.scheduler,
-        max_length=cfg.max_length,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -2,46 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
+from small_models import SMALLER, small_model
 
 from diffusion_attribution.data.base import CaptionedImageDataset, CaptionedImageSource
 from diffusion_attribution.data.shapes import ShapesDataModule
-from diffusion_attribution.models.build import build_tiny_model
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.modules.loss_sweep import per_sample_losses, reduce_flips, unlearning_scores
 from diffusion_attribution.utils.seeding import keyed_randn
 
-TINY = Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml"
-# conf/model/tiny.yaml shrunk further (16x16, narrower) so the unit tests run in seconds.
-SMALLER = {
-    "resolution": 16,
-    "unet": {"block_out_channels": [8, 8, 16], "norm_num_groups": 4, "attention_head_dim": 4},
-    "text_encoder": {
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-    },
-}
 TIMESTEPS = [0, 250, 500, 999]
-
-
-def small_model(captions: list[str]) -> TextToImageModel:
-    cfg = OmegaConf.merge(OmegaConf.load(TINY), SMALLER)
-    torch.manual_seed(0)
-    return build_tiny_model(
-        captions,
-        resolution=cfg.resolution,
-        unet=cfg.unet,
-        text_encoder=cfg.text_encoder,
-        scheduler=cfg.scheduler,
-        max_length=cfg.max_length,
-    )
 
 
 @pytest.fixture(scope="module")
