@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +126,8 @@ def main() -> None:
         ]
         results[method] = {"wall_s": wall, "ranking": ranking, "metrics": metrics, "per_query": per_query}
 
-    lines = summary_lines(results, prompts)
+    rendered = read_query_concepts(results[args.methods[0]]["ranking"], concepts)
+    lines = summary_lines(results, prompts, rendered)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     plot(results, prompts, out / "retrieval.png")
@@ -140,18 +142,45 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def summary_lines(results: dict[str, dict], prompts: list[str]) -> list[str]:
+def read_query_concepts(ranking: dict, concepts: list[str]) -> list[str]:
+    """What the attribute reader sees in each generated query image: whether the model drew the
+    concept it was asked for (if not, its training images are not what made the image)."""
+    from PIL import Image
+
+    from diffusion_attribution.data.shapes import ShapesWorldConfig
+    from diffusion_attribution.evaluation.attribute_reader import load_or_train_reader
+
+    reader, _ = load_or_train_reader(
+        ShapesWorldConfig(rare_concepts=tuple(concepts)), ROOT / ".cache" / "data"
+    )
+    images = [
+        np.asarray(Image.open(q["saved_image"]).convert("RGB"), dtype=np.float32) for q in ranking["queries"]
+    ]
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
+    return [read["concept"] for read in reader.read(batch)]
+
+
+def summary_lines(results: dict[str, dict], prompts: list[str], rendered: list[str]) -> list[str]:
     methods = list(results)
-    lines = ["| query | " + " | ".join(f"AP {m}" for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    lines = [
+        "| query | reader sees | " + " | ".join(f"AP {m}" for m in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
     for q, prompt in enumerate(prompts):
         cells = [f"{results[m]['per_query'][q]['ap']:.3f}" for m in methods]
-        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+        lines.append(f"| {prompt} | {rendered[q]} | " + " | ".join(cells) + " |")
     for name in ("ap", "precision@10", "recall@10", "recall@100"):
         label = "mAP" if name == "ap" else name
         cells = [
             f"{r['metrics']['mean'][name]:.3f} ± {r['metrics']['sem'][name]:.3f}" for r in results.values()
         ]
-        lines.append(f"| **{label}** | " + " | ".join(cells) + " |")
+        lines.append(f"| **{label}** (all queries) | | " + " | ".join(cells) + " |")
+    drawn = [q for q, prompt in enumerate(prompts) if f" {rendered[q]} " in f" {prompt} "]
+    if drawn:
+        cells = [f"{np.mean([results[m]['per_query'][q]['ap'] for q in drawn]):.3f}" for m in methods]
+        lines.append(
+            f"| **mAP, concept drawn** ({len(drawn)} of {len(prompts)}) | | " + " | ".join(cells) + " |"
+        )
     if "unlearning" in results:
         ranking = results["unlearning"]["ranking"]
         lines += [
