@@ -49,8 +49,8 @@ CAPTION_TEMPLATES = (
 @dataclass(frozen=True)
 class ShapesWorldConfig:
     seed: int = 0
-    num_common: int = 2000
-    images_per_rare_concept: int = 10
+    num_common: int = 1000
+    images_per_rare_concept: int = 20
     rare_concepts: tuple[str, ...] = RARE_CONCEPTS
     resolution: int = 32
     colours: tuple[str, ...] = tuple(COLOURS)
@@ -225,8 +225,8 @@ class ShapesDataModule(CaptionedImageDataModule):
     def __init__(
         self,
         seed: int = 0,
-        num_common: int = 2000,
-        images_per_rare_concept: int = 10,
+        num_common: int = 1000,
+        images_per_rare_concept: int = 20,
         rare_concepts: list[str] | tuple[str, ...] = RARE_CONCEPTS,
         cache_dir: str = ".cache/data",
         **kwargs: Any,
