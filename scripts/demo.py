@@ -29,22 +29,41 @@ def run(args: list[str]) -> float:
 def main() -> None:
     base = ROOT / "outputs" / "demo" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     extra = sys.argv[1:]
+    # The later steps must read the same training data (attribute.py refuses any other).
+    data = [arg for arg in extra if arg.startswith(("data=", "data."))]
     train_dir, fidelity_dir = base / "train", base / "fidelity"
     attribute_dir, retrieval_dir = base / "attribute", base / "retrieval"
 
     train_s = run(["train.py", f"hydra.run.dir={train_dir}", *extra])
     checkpoint = train_dir / "checkpoint"
-    run(["evaluate.py", "benchmark=fidelity", f"model.path={checkpoint}", f"hydra.run.dir={fidelity_dir}"])
+    run(
+        [
+            "evaluate.py",
+            "benchmark=fidelity",
+            f"model.path={checkpoint}",
+            *data,
+            f"hydra.run.dir={fidelity_dir}",
+        ]
+    )
     attribute_s = run(
         [
             "attribute.py",
             f"model.path={checkpoint}",
             f"query.prompts=[{RARE_PROMPT}]",
             "query.seeds=[0]",
+            *data,
             f"hydra.run.dir={attribute_dir}",
         ]
     )
-    run(["evaluate.py", "benchmark=retrieval", f"scores={attribute_dir}", f"hydra.run.dir={retrieval_dir}"])
+    run(
+        [
+            "evaluate.py",
+            "benchmark=retrieval",
+            f"scores={attribute_dir}",
+            *data,
+            f"hydra.run.dir={retrieval_dir}",
+        ]
+    )
 
     fidelity = json.loads((fidelity_dir / "metrics.json").read_text())
     retrieval = json.loads((retrieval_dir / "metrics.json").read_text())
