@@ -34,6 +34,22 @@ def forward_flops(unet: torch.nn.Module, sample: torch.Tensor, text: torch.Tenso
     return counter.get_total_flops() / sample.shape[0]
 
 
+def where_time_goes(unet: torch.nn.Module, sample: torch.Tensor, text: torch.Tensor, top: int = 8) -> None:
+    """The operators that take the UNet forward's CPU time (torch.profiler, self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    timesteps = torch.full((sample.shape[0],), 500, dtype=torch.long)
+    with torch.no_grad():
+        unet(sample, timesteps, encoder_hidden_states=text)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                unet(sample, timesteps, encoder_hidden_states=text)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:top])
+    print(f"where a forward's time goes (self CPU time): {shares}")
+
+
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -92,6 +108,7 @@ def main() -> None:
         f"one query's sweep on the default ({datamodule.num_examples} ids x {len(timesteps)} timesteps x "
         f"{captions} captions): {per_query:.0f} s"
     )
+    where_time_goes(model.unet, sample, text)
     if args.skip_coco:
         return
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
