@@ -197,3 +197,48 @@ def test_train_py_prints_the_job_config() -> None:
     assert printed["model"]["_target_"] == "diffusion_attribution.models.build.build_tiny_model"
     assert printed["training"]["max_steps"] == 9
     assert printed["trainer"]["max_steps"] == "${training.max_steps}"
+
+
+METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+PRESETS = sorted((p.parent.name, p.stem) for p in (CONF_DIR / "method_preset").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_composes_with_every_experiment(experiment: str, method: str, tmp_path: Path) -> None:
+    """An experiment brings its settings for the chosen method only (conf/method_preset/<experiment>/
+    <method>.yaml): the method's config never receives another method's keys."""
+    from compose_jobs import compose_job
+
+    cfg = compose_job("attribute", [f"experiment={experiment}", f"method={method}", "model.path=x"], tmp_path)
+    try:
+        plain_method = OmegaConf.to_container(cfg.method, resolve=True)
+    finally:
+        HydraConfig.instance().cfg = None
+    alone = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml"))
+    preset_file = CONF_DIR / "method_preset" / experiment / f"{method}.yaml"
+    preset = OmegaConf.to_container(OmegaConf.load(preset_file)) if preset_file.is_file() else {}
+    assert set(plain_method) == set(alone) | set(preset)
+    for key, value in preset.items():
+        assert plain_method[key] == value, key
+
+
+@pytest.mark.parametrize(("experiment", "method"), PRESETS)
+def test_presets_name_real_settings_and_lose_to_the_command_line(
+    experiment: str, method: str, tmp_path: Path
+) -> None:
+    from compose_jobs import compose_job
+
+    alone = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml"))
+    preset = OmegaConf.to_container(
+        OmegaConf.load(CONF_DIR / "method_preset" / experiment / f"{method}.yaml")
+    )
+    assert set(preset) <= set(alone), f"{experiment}/{method} sets keys the method does not have"
+    key = sorted(preset)[0]
+    cfg = compose_job(
+        "attribute",
+        [f"experiment={experiment}", f"method={method}", "model.path=x", f"method.{key}=null"],
+        tmp_path,
+    )
+    HydraConfig.instance().cfg = None
+    assert cfg.method[key] is None

@@ -50,12 +50,18 @@ def relevant_ids_for(query: dict[str, Any], concepts: dict[str, np.ndarray]) -> 
     return None
 
 
-def retrieval_metrics(scores: np.ndarray, relevant: list[np.ndarray]) -> list[dict[str, float]]:
-    """Per-query Precision@10, Recall@10, Recall@100 and average precision (torchmetrics)."""
+def retrieval_metrics(
+    scores: np.ndarray,
+    relevant: list[np.ndarray],
+    precision_at: tuple[int, ...] = (10,),
+    recall_at: tuple[int, ...] = (10, 100),
+) -> list[dict[str, float]]:
+    """Per-query Precision@k, Recall@k and average precision (torchmetrics), keyed
+    `precision@k`, `recall@k` and `ap`. AP is (1/P) sum_i i / rank_i over the P relevant items'
+    1-based ranks, the definition of the AbC benchmark."""
     metrics = {
-        "precision@10": RetrievalPrecision(top_k=10),
-        "recall@10": RetrievalRecall(top_k=10),
-        "recall@100": RetrievalRecall(top_k=100),
+        **{f"precision@{k}": RetrievalPrecision(top_k=k) for k in precision_at},
+        **{f"recall@{k}": RetrievalRecall(top_k=k) for k in recall_at},
         "ap": RetrievalMAP(),
     }
     rows = []

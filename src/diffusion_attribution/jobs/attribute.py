@@ -181,6 +181,7 @@ def write_outputs(
         "model": cfg.model.get("path"),
         "num_examples": int(scores.shape[1]),
         "timing": timing,
+        "train_side_mb": attributor.train_side_bytes() / 2**20,
         "queries": records,
     }
     (run_dir / "ranking.json").write_text(json.dumps(ranking, indent=2, default=str))

@@ -32,6 +32,18 @@ class AttributionContext:
     seed: int = 0
 
 
+def disk_bytes(*paths: Path) -> int:
+    """Total size of the files at `paths` (files, or folders counted recursively; missing ones 0)."""
+    total = 0
+    for path in paths:
+        path = Path(path)
+        if path.is_file():
+            total += path.stat().st_size
+        elif path.is_dir():
+            total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return total
+
+
 class Attributor(ABC):
     name: str = "attributor"
 
@@ -51,3 +63,8 @@ class Attributor(ABC):
     def config(self) -> dict[str, Any]:
         """The settings that decide the scores (written into ranking.json)."""
         return {}
+
+    def train_side_bytes(self) -> int:
+        """Bytes of per-model work this method keeps on disk for scoring (Fisher and loss sweeps,
+        projected gradients, features): the storage column of method comparisons."""
+        return 0

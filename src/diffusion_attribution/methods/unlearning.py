@@ -25,7 +25,7 @@ from ..modules.loss_sweep import FLIP_REDUCTIONS, unlearning_scores
 from ..modules.sharded_sweep import SweepConfig, run_fisher, run_loss_sweep
 from ..modules.unlearning import UPDATES, mask_to_latent, preserved_parameters, unlearn
 from ..utils.fingerprint import data_fingerprint, hash_json, model_fingerprint, module_fingerprint
-from .base import AttributionContext, Attributor
+from .base import AttributionContext, Attributor, disk_bytes
 from .weight_subsets import SUBSETS, count_parameters, describe_subsets, select_parameters
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,8 @@ class UnlearningAttributor(Attributor):
         )
         started = time.perf_counter()
         self.fisher: FisherDiagonal | None = None
+        fisher_path = cache / "fisher" / f"{fisher_key}.safetensors"
         if self.update != "sgd":
-            fisher_path = cache / "fisher" / f"{fisher_key}.safetensors"
             if fisher_path.is_file():
                 self.fisher = FisherDiagonal.load(fisher_path)
                 log.info("Fisher loaded from %s", fisher_path)
@@ -133,6 +133,7 @@ class UnlearningAttributor(Attributor):
         self.timing = {"fisher_s": time.perf_counter() - started}
         started = time.perf_counter()
         sweep_key = hash_json([self.identity, self.sweep_config.to_dict()])
+        self.cached_paths = [fisher_path, cache / "sweeps" / sweep_key]
         self.before = run_loss_sweep(
             model,
             dataset,
@@ -184,6 +185,9 @@ class UnlearningAttributor(Attributor):
             "sweep": self.sweep_config.to_dict() if hasattr(self, "sweep_config") else None,
             "flip_reduction": self.flip_reduction,
         }
+
+    def train_side_bytes(self) -> int:
+        return disk_bytes(*getattr(self, "cached_paths", []))
 
     def _num_train(self) -> float | None:
         if self.num_train is not None:
