@@ -75,12 +75,12 @@ def write_tiny_clip(folder: Path) -> Path:
     return folder
 
 
-def write_tiny_dino(folder: Path) -> Path:
+def write_tiny_dino(folder: Path, seed: int = 1) -> Path:
     """A ViTModel folder without pooler (as facebook/dino-vitb16) and a ViTImageProcessor."""
     folder = Path(folder)
     config = ViTConfig(**_tower(image_size=IMAGE_SIZE, patch_size=PATCH))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
+        torch.manual_seed(seed)
         ViTModel(config, add_pooling_layer=False).save_pretrained(folder, safe_serialization=True)
     ViTImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
