@@ -13,13 +13,14 @@ import csv
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchmetrics.retrieval import RetrievalMAP, RetrievalPrecision, RetrievalRecall
 
 from ..data.base import CaptionedImageDataModule
@@ -82,14 +83,9 @@ def retrieval_metrics(
     return rows
 
 
-def run_retrieval_benchmark(
-    cfg: DictConfig, run_dir: str | Path, scores: str | None = None
-) -> dict[str, Any]:
-    if not scores:
-        raise ValueError(
-            "benchmark=retrieval needs scores=<run directory of attribute.py> (holds scores.npy)."
-        )
-    scores_dir = Path(scores)
+def load_attribution_run(scores_dir: str | Path, num_examples: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """scores.npy and ranking.json of an attribute.py run directory, checked against the data."""
+    scores_dir = Path(scores_dir)
     for name in ("scores.npy", "ranking.json"):
         if not (scores_dir / name).is_file():
             raise FileNotFoundError(
@@ -98,13 +94,42 @@ def run_retrieval_benchmark(
     score_array = np.load(scores_dir / "scores.npy")
     ranking = json.loads((scores_dir / "ranking.json").read_text())
     queries = ranking["queries"]
-    datamodule: CaptionedImageDataModule = hydra.utils.instantiate(cfg.data)
-    if score_array.shape != (len(queries), datamodule.num_examples):
+    if score_array.shape != (len(queries), num_examples):
         raise ValueError(
-            f"scores.npy has shape {score_array.shape} but there are {len(queries)} queries and the data "
-            f"has {datamodule.num_examples} examples: evaluate with the data the attribution was run on."
+            f"{scores_dir / 'scores.npy'} has shape {score_array.shape} but there are {len(queries)} queries and "
+            f"the data has {num_examples} examples: evaluate with the data the attribution was run on."
         )
-    concepts = concept_index(datamodule)
+    return score_array, ranking
+
+
+@dataclass
+class RetrievalResult:
+    """One attribution run scored against the ground truth."""
+
+    ranking: dict[str, Any]
+    rows: list[dict[str, Any]]  # per evaluated query: query index, caption, num_relevant, metrics
+    mean: dict[str, float]
+    sem: dict[str, float]
+
+    @property
+    def metric_names(self) -> list[str]:
+        return list(self.mean)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.ranking.get("method"),
+            "num_queries": len(self.rows),
+            "mean": self.mean,
+            "sem": self.sem,
+        }
+
+
+def evaluate_run(
+    scores_dir: str | Path, datamodule: CaptionedImageDataModule, concepts: dict[str, np.ndarray]
+) -> RetrievalResult:
+    """Per-query retrieval metrics of one run (queries without ground truth skipped), mean and s.e."""
+    score_array, ranking = load_attribution_run(scores_dir, datamodule.num_examples)
+    queries = ranking["queries"]
     keep, relevant = [], []
     for q, query in enumerate(queries):
         ids = relevant_ids_for(query, concepts)
@@ -119,11 +144,8 @@ def run_retrieval_benchmark(
         raise ValueError("No query has ground truth: name a rare concept in the prompt or give relevant_ids.")
     per_query = retrieval_metrics(score_array[keep], relevant)
     rows = []
-    for q, metrics in zip(keep, per_query, strict=True):
-        rows.append(
-            {"query": q, "caption": queries[q].get("caption"), "num_relevant": len(relevant[len(rows)])}
-        )
-        rows[-1].update(metrics)
+    for q, ids, metrics in zip(keep, relevant, per_query, strict=True):
+        rows.append({"query": q, "caption": queries[q].get("caption"), "num_relevant": len(ids), **metrics})
     names = list(per_query[0])
     mean = {name: float(np.mean([r[name] for r in per_query])) for name in names}
     sem = {
@@ -132,7 +154,31 @@ def run_retrieval_benchmark(
         else 0.0
         for name in names
     }
-    summary = {"method": ranking.get("method"), "num_queries": len(keep), "mean": mean, "sem": sem}
+    return RetrievalResult(ranking, rows, mean, sem)
+
+
+def run_retrieval_benchmark(
+    cfg: DictConfig, run_dir: str | Path, scores: str | list[str] | None = None
+) -> dict[str, Any]:
+    """One run directory: per-query metrics (retrieval.csv/.md, metrics.json). Several (a list):
+    the method comparison table (see evaluation/comparison.py)."""
+    if OmegaConf.is_config(scores):
+        scores = OmegaConf.to_container(scores, resolve=True)  # type: ignore[assignment]
+    if isinstance(scores, (list, tuple)):
+        if len(scores) > 1:
+            from .comparison import run_comparison
+
+            return run_comparison(cfg, run_dir, [str(s) for s in scores])
+        scores = str(scores[0]) if scores else None
+    if not scores:
+        raise ValueError(
+            "benchmark=retrieval needs scores=<run directory of attribute.py> (holds scores.npy), or "
+            "scores='[<run dir>,<run dir>,...]' to compare methods."
+        )
+    datamodule: CaptionedImageDataModule = hydra.utils.instantiate(cfg.data)
+    result = evaluate_run(scores, datamodule, concept_index(datamodule))
+    rows, mean, sem, names = result.rows, result.mean, result.sem, result.metric_names
+    summary = result.summary()
 
     run_dir = Path(run_dir)
     with open(run_dir / "retrieval.csv", "w", newline="") as f:
@@ -147,7 +193,7 @@ def run_retrieval_benchmark(
     lines.append("| **mean ± s.e.** | | " + " | ".join(f"{mean[n]:.3f} ± {sem[n]:.3f}" for n in names) + " |")
     (run_dir / "retrieval.md").write_text("\n".join(lines) + "\n")
     _log_to_wandb(cfg, summary, rows)
-    log.info("Retrieval (%s, %d queries): %s", summary["method"], len(keep), mean)
+    log.info("Retrieval (%s, %d queries): %s", summary["method"], len(rows), mean)
     return summary
 
 

@@ -1,0 +1,217 @@
+"""`evaluate.py benchmark=retrieval scores='[<run dir>,<run dir>,...]'`: attribution methods side by
+side on the same queries.
+
+One row per attribute.py run: Precision@10, Recall@10 and mAP (mean ± standard error over the queries
+with ground truth), the time to prepare (cacheable per-model work: Fisher, loss sweeps, projected
+gradients, features), the scoring time per query and the training-side storage the method keeps.
+Written as comparison.csv / comparison.md, a bar chart comparison.png (mAP and P@10 with error bars),
+comparison_per_query.csv (every run's per-query metrics) and, with logger=wandb, a W&B table.
+
+Runs are only comparable on the same queries: every run must list the same queries (prompts, seeds
+and sampler settings, or images and captions, and the same ground truth) and the same model, else the
+comparison is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from ..data.base import CaptionedImageDataModule
+from .retrieval import RetrievalResult, concept_index, evaluate_run
+
+log = logging.getLogger(__name__)
+
+# (metric key, table heading) of the comparison table and chart.
+TABLE_METRICS = (("precision@10", "P@10"), ("recall@10", "R@10"), ("ap", "mAP"))
+# Query-record fields that are per run, not part of what was asked.
+RUN_SPECIFIC_QUERY_KEYS = frozenset({"saved_image", "top_k", "diagnostics"})
+
+
+class QueryMismatchError(ValueError):
+    pass
+
+
+def query_key(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in RUN_SPECIFIC_QUERY_KEYS}
+
+
+def check_same_queries(results: list[RetrievalResult], dirs: list[str]) -> None:
+    """Every run attributed the same queries with the same model (else the rows measure different
+    things); the error names the first difference."""
+    first = [query_key(q) for q in results[0].ranking["queries"]]
+    model = results[0].ranking.get("model")
+    for result, run in zip(results[1:], dirs[1:], strict=True):
+        other_model = result.ranking.get("model")
+        if model and other_model and str(model) != str(other_model):
+            raise QueryMismatchError(
+                f"{run} attributed the model {other_model} but {dirs[0]} the model {model}: compare runs "
+                "of the same model (their generated queries differ otherwise)."
+            )
+        queries = [query_key(q) for q in result.ranking["queries"]]
+        if len(queries) != len(first):
+            raise QueryMismatchError(
+                f"{run} has {len(queries)} queries but {dirs[0]} has {len(first)}: a comparison needs every "
+                "run on the same queries. Rerun attribute.py with the same query.* settings."
+            )
+        for k, (mine, theirs) in enumerate(zip(first, queries, strict=True)):
+            if mine != theirs:
+                differ = sorted(key for key in set(mine) | set(theirs) if mine.get(key) != theirs.get(key))
+                raise QueryMismatchError(
+                    f"Query {k} differs between {dirs[0]} and {run} in {differ}: "
+                    f"{ {d: mine.get(d) for d in differ} } vs { {d: theirs.get(d) for d in differ} }. A comparison "
+                    "needs every run on the same queries (same prompts and seeds, or images and captions): "
+                    "rerun attribute.py with the same query.* settings."
+                )
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix: config}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def method_labels(results: list[RetrievalResult], dirs: list[str]) -> list[str]:
+    """The method name, plus, where several runs share it, the settings that tell them apart
+    (e.g. `dtrak (proj_dim=2048)` vs `dtrak (proj_dim=4096)`), or the run directory's name."""
+    names = [str(r.ranking.get("method", "?")) for r in results]
+    labels = list(names)
+    for name in set(names):
+        same = [k for k, n in enumerate(names) if n == name]
+        if len(same) < 2:
+            continue
+        configs = [_flatten(results[k].ranking.get("method_config") or {}) for k in same]
+        keys = sorted({key for c in configs for key in c})
+        differ = [key for key in keys if len({json.dumps(c.get(key), default=str) for c in configs}) > 1]
+        for k, config in zip(same, configs, strict=True):
+            settings = ", ".join(f"{key.rsplit('.', 1)[-1]}={config.get(key)}" for key in differ[:3])
+            labels[k] = f"{name} ({settings})" if settings else f"{name} [{Path(dirs[k]).name}]"
+    counts, seen = Counter(labels), Counter()
+    for k, label in enumerate(labels):  # still equal (identical settings, same folder name): number them
+        if counts[label] > 1:
+            seen[label] += 1
+            labels[k] = f"{label} #{seen[label]}"
+    return labels
+
+
+def comparison_rows(results: list[RetrievalResult], dirs: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for result, label, run in zip(results, method_labels(results, dirs), dirs, strict=True):
+        ranking = result.ranking
+        timing = ranking.get("timing") or {}
+        num_queries = len(ranking["queries"])
+        row: dict[str, Any] = {"method": label, "queries": len(result.rows)}
+        for key, _ in TABLE_METRICS:
+            row[key] = result.mean[key]
+            row[f"{key}_sem"] = result.sem[key]
+        row["prepare_s"] = timing.get("prepare_s")
+        score_s = timing.get("score_s")
+        row["s_per_query"] = None if score_s is None else score_s / num_queries
+        row["train_side_mb"] = ranking.get("train_side_mb")
+        row["run"] = str(run)
+        rows.append(row)
+    return rows
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+    heads = [head for _, head in TABLE_METRICS]
+    lines = [
+        "| method | " + " | ".join(heads) + " | prepare s | s / query | train side MB |",
+        "|---|" + "---|" * (len(heads) + 3),
+    ]
+    for row in rows:
+        metrics = [f"{row[key]:.3f} ± {row[f'{key}_sem']:.3f}" for key, _ in TABLE_METRICS]
+        costs = [
+            _cell(row["prepare_s"], ".1f"),
+            _cell(row["s_per_query"], ".2f"),
+            _cell(row["train_side_mb"], ".1f"),
+        ]
+        lines.append(f"| {row['method']} | " + " | ".join(metrics + costs) + " |")
+    return lines
+
+
+def comparison_figure(rows: list[dict[str, Any]], path: Path, num_queries: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [row["method"] for row in rows]
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 + 1.3 * len(rows)), 3.8), sharey=True)
+    for ax, (key, head) in zip(axes, (("ap", "mAP"), ("precision@10", "Precision@10")), strict=True):
+        means, sems = [row[key] for row in rows], [row[f"{key}_sem"] for row in rows]
+        ax.bar(x, means, yerr=sems, capsize=4, color=f"C{0 if key == 'ap' else 1}")
+        for xi, m, e in zip(x, means, sems, strict=True):  # above the error bar
+            ax.text(xi, m + e + 0.02, f"{m:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(head)
+        ax.set_ylim(0, 1.1)
+    axes[0].set_ylabel(f"mean ± s.e. over {num_queries} queries")
+    fig.suptitle("Attribution methods on the same queries")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_comparison(cfg: DictConfig, run_dir: str | Path, dirs: list[str]) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    datamodule: CaptionedImageDataModule = hydra.utils.instantiate(cfg.data)
+    concepts = concept_index(datamodule)
+    results = [evaluate_run(d, datamodule, concepts) for d in dirs]
+    check_same_queries(results, dirs)
+    rows = comparison_rows(results, dirs)
+
+    with open(run_dir / "comparison.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(run_dir / "comparison_per_query.csv", "w", newline="") as f:
+        per_query = [
+            {"method": row["method"], **q} for row, r in zip(rows, results, strict=True) for q in r.rows
+        ]
+        writer = csv.DictWriter(f, fieldnames=list(per_query[0]))
+        writer.writeheader()
+        writer.writerows(per_query)
+    num_queries = len(results[0].rows)
+    lines = markdown_table(rows)
+    lines.append(
+        f"\n{num_queries} queries with ground truth; mean ± standard error over queries. Prepare: per-model "
+        "work (cached and reused by later runs); s / query: scoring time per query; train side: what the "
+        "method keeps on disk for scoring."
+    )
+    (run_dir / "comparison.md").write_text("\n".join(lines) + "\n")
+    png = comparison_figure(rows, run_dir / "comparison.png", num_queries)
+    summary = {"num_queries": num_queries, "methods": rows}
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    _log_to_wandb(cfg, rows, png)
+    log.info("Comparison of %d runs on %d queries:\n%s", len(rows), num_queries, "\n".join(lines[:-1]))
+    print("\n".join(lines[: len(rows) + 2]))
+    return summary
+
+
+def _log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], png: Path) -> None:
+    logger_cfg = cfg.get("logger")
+    if not logger_cfg or "Wandb" not in str(logger_cfg.get("_target_", "")):
+        return
+    logger = hydra.utils.instantiate(logger_cfg)
+    logger.log_table("retrieval/comparison", columns=list(rows[0]), data=[list(r.values()) for r in rows])
+    logger.log_image("retrieval/comparison_chart", [str(png)])
+    logger.experiment.finish()
