@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from ..data.base import CaptionedImageDataModule
 from ..models.loading import model_from_config
 from ..modules.callbacks import ProgressLogCallback, SampleGridCallback
+from ..modules.keyed_training import ExampleKeyedTrainingModule, keyed_train_dataloader
 from ..modules.training import DiffusionTrainingModule
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ def resolve_resume(spec: str | None, run_dir: Path) -> str | None:
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
+    if cfg.get("customization") is not None:  # experiment=customize: Custom Diffusion on a base model
+        from .customize import run_customization
+
+        return run_customization(cfg, run_dir)
     run_dir = Path(run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
@@ -48,7 +53,16 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
         len(datamodule.train_ids),
     )
     model = model_from_config(cfg.model, datamodule.source.all_captions())
-    module = DiffusionTrainingModule(model, max_steps=cfg.training.max_steps, **cfg.training.optim)
+    # training.example_keyed_rng: every random draw keyed by (seed, epoch, id), the data order by
+    # (seed, epoch), positioned by the global step: exact resume, and leave-K-out retrains that share
+    # the original's random numbers (modules/keyed_training.py).
+    keyed = bool(cfg.training.get("example_keyed_rng", False))
+    if keyed:
+        module: DiffusionTrainingModule = ExampleKeyedTrainingModule(
+            model, max_steps=cfg.training.max_steps, seed=cfg.seed, **cfg.training.optim
+        )
+    else:
+        module = DiffusionTrainingModule(model, max_steps=cfg.training.max_steps, **cfg.training.optim)
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -63,7 +77,18 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     ]
     loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") else []
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.training.resume, run_dir))
+    resume = resolve_resume(cfg.training.resume, run_dir)
+    if keyed:
+        if trainer.num_devices * trainer.num_nodes > 1:
+            raise ValueError(
+                "training.example_keyed_rng=true runs on one device (its batches are positioned by the global "
+                "step); leave-K-out parallelises over retrain jobs instead. Use trainer=cpu or trainer=gpu."
+            )
+        loader = keyed_train_dataloader(datamodule, cfg.seed)
+        loader.bind(trainer)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
+    else:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     checkpoint = run_dir / "checkpoint"
     if trainer.is_global_zero:
         with module.ema_weights() as ema_model:

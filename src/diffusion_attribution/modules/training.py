@@ -78,16 +78,25 @@ class DiffusionTrainingModule(pl.LightningModule):
         if self.train_text_encoder:
             yield from self.model.text_encoder.parameters()
 
-    def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        model = self.model
-        latents = model.encode_images(batch["pixel_values"])
+    def training_randomness(
+        self, batch: dict[str, Any], latents: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The random draws of one step: noise, timesteps and the captions after caption dropout.
+        Drawn from the global torch RNG here; a subclass may key them per example instead
+        (modules/keyed_training.py, for leave-K-out retrains that resume bit-exactly)."""
         noise = torch.randn_like(latents)
         timesteps = torch.randint(
-            0, model.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+            0, self.model.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
         )
         captions = [
             "" if torch.rand(()).item() < self.caption_dropout else caption for caption in batch["caption"]
         ]
+        return noise, timesteps, captions
+
+    def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        model = self.model
+        latents = model.encode_images(batch["pixel_values"])
+        noise, timesteps, captions = self.training_randomness(batch, latents)
         text_states = model.encode_text(captions)
         pred = model.predict(model.add_noise(latents, noise, timesteps), timesteps, text_states)
         target = model.target(latents, noise, timesteps)
