@@ -203,7 +203,6 @@ def run_comparison(cfg: DictConfig, run_dir: str | Path, dirs: list[str]) -> dic
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     _log_to_wandb(cfg, rows, png)
     log.info("Comparison of %d runs on %d queries:\n%s", len(rows), num_queries, "\n".join(lines[:-1]))
-    print("\n".join(lines[: len(rows) + 2]))
     return summary
 
 
