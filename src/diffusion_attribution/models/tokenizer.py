@@ -17,7 +17,10 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # [EOS] is deliberately not id 2: CLIPTextModel treats eos_token_id == 2 as a legacy config.
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-_WORD = re.compile(r"\w+|[^\w\s]")
+# A placeholder such as `<new1>` (a customization token, Custom Diffusion style) is one word: the
+# tokenizer holds it as an added token, matched before punctuation splits it into "<", "new1", ">".
+_PLACEHOLDER = re.compile(r"<[^<>\s]+>")
+_WORD = re.compile(r"<[^<>\s]+>|\w+|[^\w\s]")
 
 
 def caption_words(caption: str) -> list[str]:
@@ -25,7 +28,9 @@ def caption_words(caption: str) -> list[str]:
 
 
 def build_word_tokenizer(captions: Iterable[str], max_length: int = 16) -> PreTrainedTokenizerFast:
-    words = sorted({w for c in captions for w in caption_words(c)})
+    all_words = sorted({w for c in captions for w in caption_words(c)})
+    placeholders = [w for w in all_words if _PLACEHOLDER.fullmatch(w)]
+    words = [w for w in all_words if not _PLACEHOLDER.fullmatch(w)]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for word in words:
         vocab.setdefault(word, len(vocab))
@@ -37,7 +42,7 @@ def build_word_tokenizer(captions: Iterable[str], max_length: int = 16) -> PreTr
     backend.post_processor = TemplateProcessing(
         single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="[BOS]",
         eos_token="[EOS]",
@@ -45,6 +50,9 @@ def build_word_tokenizer(captions: Iterable[str], max_length: int = 16) -> PreTr
         pad_token="[PAD]",
         model_max_length=max_length,
     )
+    if placeholders:  # after the word vocabulary, as a customization would add them
+        tokenizer.add_tokens(placeholders)
+    return tokenizer
 
 
 def is_word_level(tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -1,0 +1,411 @@
+"""`data=abc`: the released AbC benchmark (Wang et al., ICCV 2023) read by path, and the candidate pool
+every AbC-style benchmark ranks: distractor images first (ids 0..N-1), then the exemplars.
+
+The released layout under `data.root` (the GenDataAttribution data set):
+
+    json/<test_case>.json     one entry per customized model: {"exemplar": [paths], "synth": {prompt
+                              type: [paths]}, "class_id": ..., "category": ...}; paths start with
+                              "dataset/" (the repository's folder) and are resolved under data.root
+    exemplar/<set>/...        the exemplar images (set: imagenet, bamfg, artchive)
+    synth/<set>/...           the images the customized models generated (the queries)
+    models/<set>/<class_id>/  per customized model: `<new1>.bin` (the token's embedding, a
+                              {token: vector} dict) and `pytorch_custom_diffusion_weights.pt` (the
+                              UNet's cross-attention K/V weights)
+
+A customized model is Stable Diffusion 1.4 (a local diffusers folder) with the token added and the K/V
+weights loaded strictly (`apply_abc_customization`, `model=custom_diffusion`). Weight files are read
+only with `torch.load(weights_only=True)`. The pool is a configured image folder (`data.pool`, the
+data=folder convention; a LAION subset in the paper) followed by the entry's exemplars, each captioned
+with the model's training prompt ("<new1> <category>" for objects, "A picture in the style of <new1>
+art" for styles, as the paper's tasks; `data.train_prompt` overrides).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..models.pipeline import TextToImageModel
+from ..utils.seeding import keyed_generator
+from .base import CaptionedImageDataModule, CaptionedImageDataset, CaptionedImageSource, DataError
+from .folder import ImageFolderSource, open_rgb
+
+TOKEN_FILE = "<new1>.bin"
+WEIGHTS_FILE = "pytorch_custom_diffusion_weights.pt"
+OBJECT_SETS = ("imagenet",)  # the other sets (bamfg, artchive) are artistic styles
+ENCODE_STREAM = 3_301_977  # separates the exemplar-encoding noise from every other keyed stream
+
+
+# ------------------------------------------------------------------------------------------ pool
+class ExemplarSource(CaptionedImageSource):
+    """Image files with given captions (one caption list per file, or one list for all)."""
+
+    def __init__(
+        self,
+        files: Sequence[str | Path],
+        captions: Sequence[str] | Sequence[list[str]],
+        root: str | Path = ".",
+    ) -> None:
+        self.root = Path(root)
+        self.files = [Path(f) for f in files]
+        missing = [str(f) for f in self.files if not (self.root / f).is_file()]
+        if missing:
+            raise DataError(f"Exemplar image(s) not found: {', '.join(missing[:10])}.")
+        if captions and isinstance(captions[0], str):
+            self._captions = [list(captions)] * len(self.files)  # type: ignore[list-item]
+        else:
+            self._captions = [list(c) for c in captions]  # type: ignore[arg-type]
+        if len(self._captions) != len(self.files):
+            raise DataError(f"{len(self.files)} exemplars but {len(self._captions)} caption lists.")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def captions(self, idx: int) -> list[str]:
+        return self._captions[idx]
+
+    def load_image(self, idx: int) -> Image.Image:
+        return open_rgb(self.root / self.files[idx])
+
+    def file_name(self, idx: int) -> str:
+        return str(self.files[idx])
+
+    def metadata(self, idx: int) -> dict[str, Any]:
+        return {"exemplar": True}
+
+
+class PoolWithExemplarsSource(CaptionedImageSource):
+    """Distractors (ids 0..N-1, their own ids unchanged) followed by the exemplars (ids N..N+E-1)."""
+
+    def __init__(self, distractors: CaptionedImageSource, exemplars: CaptionedImageSource) -> None:
+        if len(exemplars) == 0:
+            raise DataError("The concept has no exemplars: nothing for attribution to find.")
+        self.distractors = distractors
+        self.exemplars = exemplars
+        self.num_distractors = len(distractors)
+
+    @property
+    def exemplar_ids(self) -> list[int]:
+        return list(range(self.num_distractors, self.num_distractors + len(self.exemplars)))
+
+    def _part(self, idx: int) -> tuple[CaptionedImageSource, int]:
+        if not 0 <= idx < len(self):
+            raise IndexError(f"Id {idx} is outside the pool (0..{len(self) - 1}).")
+        if idx < self.num_distractors:
+            return self.distractors, idx
+        return self.exemplars, idx - self.num_distractors
+
+    def __len__(self) -> int:
+        return self.num_distractors + len(self.exemplars)
+
+    def captions(self, idx: int) -> list[str]:
+        source, k = self._part(idx)
+        return source.captions(k)
+
+    def load_image(self, idx: int) -> Image.Image:
+        source, k = self._part(idx)
+        return source.load_image(k)
+
+    def file_name(self, idx: int) -> str:
+        source, k = self._part(idx)
+        return source.file_name(k) if source is self.distractors else f"exemplars/{source.file_name(k)}"
+
+    def metadata(self, idx: int) -> dict[str, Any]:
+        source, k = self._part(idx)
+        return {**source.metadata(k), "exemplar": source is self.exemplars}
+
+
+@torch.no_grad()
+def encode_exemplar_latents(
+    model: TextToImageModel,
+    dataset: CaptionedImageDataset,
+    ids: Sequence[int],
+    sample_seed: int | None = None,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """The UNet-input latents of examples `ids` [len(ids), C, h, w]: the VAE posterior mean (default)
+    or, with `sample_seed`, a posterior sample whose noise is keyed by (seed, id), so the result does
+    not depend on batching; both scaled by the VAE's scaling factor (models/pipeline.py
+    encode_images). Pixel models return the pixels."""
+    rows = []
+    for begin in range(0, len(ids), batch_size):
+        chunk = [int(i) for i in ids[begin : begin + batch_size]]
+        pixels = torch.stack([dataset.example(i)["pixel_values"] for i in chunk]).to(model.device)
+        if sample_seed is None or model.vae is None:
+            rows.append(model.encode_images(pixels).cpu())
+            continue
+        for i, image in zip(chunk, pixels, strict=True):
+            generator = keyed_generator(sample_seed, ENCODE_STREAM, i)
+            posterior = model.vae.encode(image[None].to(model.vae.dtype)).latent_dist
+            noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device)
+            rows.append(((posterior.mean + posterior.std * noise) * model.latent_scale).cpu())
+    return torch.cat(rows)
+
+
+# ------------------------------------------------------------------------------------------ AbC layout
+@dataclass
+class AbcEntry:
+    """One customized model of the released benchmark."""
+
+    root: Path
+    test_case: str
+    index: int
+    class_id: str
+    category: str | None
+    image_set: str
+    exemplars: list[Path]
+    synth: dict[str, list[Path]] = field(default_factory=dict)
+    model_dir: Path | None = None
+    train_prompt: str = ""
+
+    @property
+    def concept_type(self) -> str:
+        return "object" if self.image_set in OBJECT_SETS else "style"
+
+
+def resolve_released_path(root: Path, path: str) -> Path:
+    """A path as written in the released JSON ("dataset/exemplar/...") -> under data.root."""
+    parts = Path(path).parts
+    if parts and parts[0] == "dataset":
+        parts = parts[1:]
+    return root.joinpath(*parts)
+
+
+def _image_set(path: str) -> str:
+    """The exemplar set a released path belongs to: exemplar/<set>/... (imagenet, bamfg, artchive)."""
+    parts = Path(path).parts
+    return parts[parts.index("exemplar") + 1] if "exemplar" in parts[:-1] else "unknown"
+
+
+def default_train_prompt(entry_category: str | None, concept_type: str) -> str:
+    if concept_type == "style" or not entry_category:
+        return "A picture in the style of <new1> art"
+    return f"<new1> {entry_category}"
+
+
+def read_abc_entry(
+    root: str | Path,
+    test_case: str,
+    index: int,
+    model_dir: str | Path | None = None,
+    train_prompt: str | None = None,
+) -> AbcEntry:
+    root = Path(root).expanduser()
+    listing = root / "json" / f"{test_case}.json"
+    if not listing.is_file():
+        raise DataError(
+            f"{listing} does not exist: data.root must hold the AbC release (json/, exemplar/, synth/, "
+            "models/) and data.test_case one of its json/<test_case>.json files (e.g. test_bamfg)."
+        )
+    try:
+        entries = json.loads(listing.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{listing} is not valid JSON ({error}).") from error
+    if not isinstance(entries, list) or not 0 <= index < len(entries):
+        raise DataError(
+            f"{listing} has {len(entries) if isinstance(entries, list) else 'no'} entries; data.index={index}."
+        )
+    raw = entries[index]
+    for key in ("exemplar", "class_id"):
+        if key not in raw:
+            raise DataError(f"{listing} entry {index} has no {key!r} field.")
+    exemplars = [resolve_released_path(root, p) for p in raw["exemplar"]]
+    missing = [str(p) for p in exemplars if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"Exemplar image(s) listed in {listing} entry {index} do not exist: {', '.join(missing)}."
+        )
+    image_set = _image_set(raw["exemplar"][0]) if raw["exemplar"] else "unknown"
+    synth = {k: [resolve_released_path(root, p) for p in v] for k, v in (raw.get("synth") or {}).items()}
+    class_id = str(raw["class_id"])
+    directory = Path(model_dir) if model_dir else root / "models" / image_set / class_id
+    entry = AbcEntry(
+        root, test_case, index, class_id, raw.get("category"), image_set, exemplars, synth, directory
+    )
+    entry.train_prompt = train_prompt or default_train_prompt(entry.category, entry.concept_type)
+    return entry
+
+
+def _load_torch_file(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: the customized model folder must hold {what}.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except Exception as error:  # weights_only refuses pickled code; a corrupt file fails here too
+        raise DataError(f"Cannot read {path} with torch.load(weights_only=True): {error}") from error
+
+
+def read_token_embedding(path: str | Path) -> dict[str, torch.Tensor]:
+    """`<new1>.bin`: {token: embedding vector} (diffusers' textual-inversion format)."""
+    path = Path(path)
+    state = _load_torch_file(path, f"the token embedding ({TOKEN_FILE})")
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise DataError(f"{path} must hold a {{token: embedding tensor}} dict, got {type(state).__name__}.")
+    return {k: v.reshape(-1) if v.dim() == 2 and v.shape[0] == 1 else v for k, v in state.items()}
+
+
+def read_kv_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """`pytorch_custom_diffusion_weights.pt`: UNet parameter names -> tensors. Names in diffusers'
+    attention-processor form (`...attn2.processor.to_k_custom_diffusion.weight`) are mapped to the
+    UNet's own (`...attn2.to_k.weight`)."""
+    path = Path(path)
+    state = _load_torch_file(path, f"the cross-attention K/V weights ({WEIGHTS_FILE})")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"{path} must hold a flat {{parameter name: tensor}} dict.")
+    renamed = {}
+    for key, value in state.items():
+        name = key.replace(".processor.to_k_custom_diffusion.", ".to_k.").replace(
+            ".processor.to_v_custom_diffusion.", ".to_v."
+        )
+        renamed[name] = value
+    return renamed
+
+
+def apply_abc_customization(model: TextToImageModel, model_dir: str | Path) -> TextToImageModel:
+    """Stable Diffusion (or any base) + an AbC customized model folder, in place: the token with its
+    embedding row, then the K/V weights, checked strictly against the UNet."""
+    from ..modules.customization import add_concept_tokens, load_unet_subset, token_embedding_table
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DataError(f"Customized model folder {model_dir} does not exist.")
+    embeddings = read_token_embedding(model_dir / TOKEN_FILE)
+    weights = read_kv_weights(model_dir / WEIGHTS_FILE)  # read both before changing the model
+    width = token_embedding_table(model).weight.shape[1]
+    for token, row in embeddings.items():
+        if tuple(row.shape) != (width,):
+            raise DataError(
+                f"{model_dir / TOKEN_FILE}: the embedding of {token} has shape {tuple(row.shape)}, the text "
+                f"encoder's width is {width}."
+            )
+    tokens = list(embeddings)
+    ids = add_concept_tokens(model, tokens)
+    table = token_embedding_table(model).weight
+    with torch.no_grad():
+        for token, token_id in zip(tokens, ids, strict=True):
+            table[token_id] = embeddings[token].to(table.dtype)
+    load_unet_subset(model.unet, weights, str(model_dir / WEIGHTS_FILE), "kv")
+    return model
+
+
+def query_records(
+    entry: AbcEntry, prompts_file: str | Path, relevant_ids: Sequence[int]
+) -> list[dict[str, Any]]:
+    """attribute.py query lines (image + caption + ground truth) for the entry's generated images.
+
+    `prompts_file` gives each synthesized image's prompt: a list of task records with
+    `synth_image_path` and `prompt` (and `test_case`, `test_case_ind` to select the entry), or a
+    {synth image path: prompt} mapping. Paths are relative to data.root (a leading "dataset/" or
+    "synth/" prefix is accepted)."""
+    prompts_file = Path(prompts_file)
+    if not prompts_file.is_file():
+        raise DataError(f"{prompts_file} does not exist: give the JSON of the synthesized images' prompts.")
+    raw = json.loads(prompts_file.read_text())
+    mine = {str(p.resolve()) for paths in entry.synth.values() for p in paths}
+    pairs: list[tuple[Path, str]] = []
+    if isinstance(raw, dict):
+        pairs = [(resolve_released_path(entry.root, k), str(v)) for k, v in raw.items()]
+    elif isinstance(raw, list):
+        for task in raw:
+            if task.get("test_case", entry.test_case) != entry.test_case:
+                continue
+            if int(task.get("test_case_ind", entry.index)) != entry.index:
+                continue
+            pairs.append((resolve_released_path(entry.root, task["synth_image_path"]), str(task["prompt"])))
+    else:
+        raise DataError(f"{prompts_file} must be a list of task records or a {{path: prompt}} mapping.")
+    records = []
+    for path, prompt in pairs:
+        if mine and str(path.resolve()) not in mine:
+            continue
+        if not path.is_file():
+            raise DataError(f"Query image {path} (from {prompts_file}) does not exist.")
+        records.append(
+            {
+                "image": str(path),
+                "caption": prompt,
+                "relevant_ids": [int(i) for i in relevant_ids],
+                "concept": entry.class_id,
+                "concept_type": entry.concept_type,
+            }
+        )
+    if not records:
+        raise DataError(
+            f"{prompts_file} names no synthesized image of {entry.test_case} entry {entry.index}."
+        )
+    return records
+
+
+class AbcDataModule(CaptionedImageDataModule):
+    """`data=abc`: the pool folder (ids 0..N-1) followed by one AbC model's exemplars."""
+
+    def __init__(
+        self,
+        root: str,
+        test_case: str,
+        index: int = 0,
+        pool: str | None = None,
+        pool_metadata: str | None = None,
+        model_dir: str | None = None,
+        train_prompt: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.root, self.test_case, self.index = root, test_case, int(index)
+        self.pool, self.pool_metadata = pool, pool_metadata
+        self.model_dir, self.train_prompt = model_dir, train_prompt
+
+    @property
+    def entry(self) -> AbcEntry:
+        return read_abc_entry(self.root, self.test_case, self.index, self.model_dir, self.train_prompt)
+
+    def build_source(self) -> PoolWithExemplarsSource:
+        if not self.pool:
+            raise DataError(
+                "data=abc needs data.pool=<image folder>: the distractor images (metadata.jsonl/csv with "
+                "file_name and text), e.g. the LAION subset of the AbC release."
+            )
+        entry = self.entry
+        exemplars = ExemplarSource(entry.exemplars, [entry.train_prompt])
+        return PoolWithExemplarsSource(ImageFolderSource(self.pool, self.pool_metadata), exemplars)
+
+    @property
+    def exemplar_ids(self) -> list[int]:
+        return self.source.exemplar_ids  # type: ignore[attr-defined]
+
+    def write_queries(self, prompts_file: str | Path, out: str | Path) -> Path:
+        """A query.file for attribute.py: every synthesized image of this model with its ground truth."""
+        records = query_records(self.entry, prompts_file, self.exemplar_ids)
+        out = Path(out)
+        out.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """python -m diffusion_attribution.data.abc --root R --test-case T --index I --pool P --prompts F --out Q"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write an attribute.py query file for one AbC model.")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--test-case", required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--pool", required=True)
+    parser.add_argument("--prompts", required=True, help="tasks JSON or {synth path: prompt} JSON")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    datamodule = AbcDataModule(args.root, args.test_case, args.index, pool=args.pool)
+    print(datamodule.write_queries(args.prompts, args.out))
+
+
+if __name__ == "__main__":
+    main()
