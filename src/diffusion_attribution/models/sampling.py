@@ -4,7 +4,7 @@ initial noise and any stochastic step noise come from a generator seeded per ima
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -17,6 +17,24 @@ class Samples:
     images: torch.Tensor  # [B, 3, H, W] in [-1, 1]
     latents: torch.Tensor  # final (denoised) latents, the UNet's input space
     initial_noise: torch.Tensor
+    # sampler timestep -> the latents x_t the UNet was given at that step ([B, C, H, W]), for the
+    # steps asked for with `record_timesteps` (JourneyTRAK takes the query's gradient there).
+    trajectory: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def make_sampler(model: TextToImageModel, sampler: str = "ddim") -> DDIMScheduler | DDPMScheduler:
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(model.scheduler.config)
+    if sampler == "ddpm":
+        return DDPMScheduler.from_config(model.scheduler.config)
+    raise ValueError(f"Unknown sampler {sampler!r}: use ddim or ddpm.")
+
+
+def sampler_timesteps(model: TextToImageModel, num_steps: int = 30, sampler: str = "ddim") -> list[int]:
+    """The timesteps `generate` visits, in order (the noisiest first)."""
+    scheduler = make_sampler(model, sampler)
+    scheduler.set_timesteps(num_steps)
+    return [int(t) for t in scheduler.timesteps]
 
 
 def initial_noise(model: TextToImageModel, seeds: Sequence[int]) -> torch.Tensor:
@@ -34,15 +52,23 @@ def generate(
     sampler: str = "ddim",
     eta: float = 0.0,
     batch_size: int = 64,
+    record_timesteps: Sequence[int] = (),
 ) -> Samples:
+    """`record_timesteps`: sampler timesteps (see `sampler_timesteps`) whose input latents x_t are
+    kept in `Samples.trajectory`."""
     if len(prompts) != len(seeds):
         raise ValueError(f"Got {len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt.")
-    if sampler == "ddim":
-        scheduler = DDIMScheduler.from_config(model.scheduler.config)
-    elif sampler == "ddpm":
-        scheduler = DDPMScheduler.from_config(model.scheduler.config)
-    else:
-        raise ValueError(f"Unknown sampler {sampler!r}: use ddim or ddpm.")
+    scheduler = make_sampler(model, sampler)
+    record = {int(t) for t in record_timesteps}
+    if record:
+        visited = sampler_timesteps(model, num_steps, sampler)
+        missing = sorted(record - set(visited))
+        if missing:
+            raise ValueError(
+                f"Timesteps {missing} are not visited by the {sampler} sampler with {num_steps} steps; it visits "
+                f"{visited}. Record one of those (e.g. the nearest)."
+            )
+    trajectories: dict[int, list[torch.Tensor]] = {t: [] for t in record}
     was_training = model.training
     model.eval()
     outputs_images, outputs_latents, noises = [], [], []
@@ -56,6 +82,8 @@ def generate(
         latents = noise * scheduler.init_noise_sigma
         scheduler.set_timesteps(num_steps)
         for t in scheduler.timesteps:
+            if int(t) in record:
+                trajectories[int(t)].append(latents.clone())
             model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             timesteps = torch.full((model_in.shape[0],), int(t), device=model.device, dtype=torch.long)
             pred_uncond, pred_text = model.predict(model_in, timesteps, torch.cat([uncond, text])).chunk(2)
@@ -70,4 +98,9 @@ def generate(
         outputs_images.append(model.decode_latents(latents))
         noises.append(noise)
     model.train(was_training)
-    return Samples(torch.cat(outputs_images), torch.cat(outputs_latents), torch.cat(noises))
+    return Samples(
+        torch.cat(outputs_images),
+        torch.cat(outputs_latents),
+        torch.cat(noises),
+        {t: torch.cat(parts) for t, parts in trajectories.items()},
+    )

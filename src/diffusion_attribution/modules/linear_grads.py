@@ -1,4 +1,4 @@
-"""Exact per-sample squared gradients of Linear layers from ONE batched backward pass.
+"""Exact per-sample gradients of Linear layers (and their squared sums) from ONE batched backward pass.
 
 For a Linear layer y = W a + b applied to tokens, example b's gradient is G_b = Σ_tokens g_bt a_btᵀ
 (g = ∂L/∂y): the layer's inputs a (saved by a forward hook) and output gradients g (saved by a
@@ -6,7 +6,8 @@ tensor hook) are all it takes. This is exact whenever the batch's examples do no
 a diffusers UNet (GroupNorm and attention are per example, no BatchNorm), and it costs one ordinary
 forward + backward, where vmap over the whole UNet costs many times more on CPU. The cross-attention
 key/value weights (the default unlearning subset) are Linear layers, so the Fisher takes this path;
-subsets with convolutions fall back to vmap.
+subsets with convolutions fall back to vmap. TRAK-style methods take the per-sample gradients
+themselves (`linear_per_sample_grads`), for any per-example output function, not only the loss.
 """
 
 from __future__ import annotations
@@ -31,16 +32,18 @@ def linear_owners(
     return owners
 
 
-def linear_squared_grad_sums(
+def linear_per_sample_grads(
     unet: nn.Module,
     params: Mapping[str, torch.Tensor],
     per_example_loss: Callable[[], torch.Tensor],
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, torch.Tensor]:
-    """Σ_b (∂L_b/∂θ)² (float64) for Linear parameters θ, where `per_example_loss()` runs the forward
-    pass and returns the [B] per-example losses. Raises ValueError if a parameter is not a Linear's."""
+    """Exact per-example gradients {name: [B, *shape]} (in `dtype`) of Linear parameters θ, where
+    `per_example_loss()` runs the forward pass and returns the [B] per-example values (a loss, or any
+    other output function). Raises ValueError if a parameter is not a Linear's."""
     owners = linear_owners(unet, params)
     if owners is None:
-        raise ValueError("linear_squared_grad_sums needs parameters of nn.Linear layers only.")
+        raise ValueError("Per-sample Linear gradients need parameters of nn.Linear layers only.")
     modules = {id(m): m for m, _ in owners.values()}
     inputs: dict[int, list[torch.Tensor]] = {k: [] for k in modules}
     grads: dict[int, list[torch.Tensor]] = {k: [] for k in modules}
@@ -75,8 +78,8 @@ def linear_squared_grad_sums(
             raise RuntimeError("A selected Linear layer's output did not receive a gradient on every call.")
         weight_grad, bias_grad = None, None
         for a, g in zip(calls_in, calls_grad, strict=True):
-            a3 = a.reshape(a.shape[0], -1, a.shape[-1]).double()
-            g3 = g.reshape(g.shape[0], -1, g.shape[-1]).double()
+            a3 = a.reshape(a.shape[0], -1, a.shape[-1]).to(dtype)
+            g3 = g.reshape(g.shape[0], -1, g.shape[-1]).to(dtype)
             w = torch.einsum("bno,bni->boi", g3, a3)
             b = g3.sum(1)
             weight_grad = w if weight_grad is None else weight_grad + w
@@ -85,6 +88,18 @@ def linear_squared_grad_sums(
     out = {}
     for name, (module, attr) in owners.items():
         weight_grad, bias_grad = per_module[id(module)]
-        per_sample = weight_grad if attr == "weight" else bias_grad
-        out[name] = per_sample.pow(2).sum(0)
+        out[name] = weight_grad if attr == "weight" else bias_grad
     return out
+
+
+def linear_squared_grad_sums(
+    unet: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    per_example_loss: Callable[[], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Σ_b (∂L_b/∂θ)² (float64) for Linear parameters θ, where `per_example_loss()` runs the forward
+    pass and returns the [B] per-example losses. Raises ValueError if a parameter is not a Linear's."""
+    if linear_owners(unet, params) is None:
+        raise ValueError("linear_squared_grad_sums needs parameters of nn.Linear layers only.")
+    per_sample = linear_per_sample_grads(unet, params, per_example_loss, dtype=torch.float64)
+    return {name: value.pow(2).sum(0) for name, value in per_sample.items()}

@@ -1,0 +1,552 @@
+"""`method=trak|dtrak|journeytrak`: attribution by projected gradients (TRAK, Park et al. 2023;
+D-TRAK, Zheng et al. 2024; JourneyTRAK, Georgiev et al. 2023).
+
+Each example's feature φ(z) = P ∇θ f(z; θ): the gradient of an output function f w.r.t. a weight
+subset, averaged over fixed timesteps (and captions, flips), randomly projected to k dimensions (P:
+modules/projection.py, generated blockwise from the seed). With Φ the [N_train, k] features of the
+model's training examples,
+
+    score(q, z) = φ(q)ᵀ (ΦᵀΦ + λI)⁻¹ φ(z)      (higher = more influential)
+
+- trak: f = the training loss, for the training examples and the query;
+- dtrak: f = ‖model output‖² (averaged over pixels), for both;
+- journeytrak: training side as trak; the query's f is the loss at one step of its OWN sampling
+  trajectory (default t = 400, the nearest step the sampler visits): x_t is the latent the sampler
+  held there, the target the noise that maps the final latent x̂₀ to x_t,
+  ε = (x_t − √ᾱ_t x̂₀)/√(1 − ᾱ_t) (as v for a v-prediction model). The query must have been generated
+  by the model (prompt + seed): its trajectory is regenerated and checked against its final latent.
+
+prepare: Φ for every example of the source (excluded ids too, so that every column is scored) is
+computed once per (model, data, train-side settings) as a sharded, resumable, DDP-split run
+(`run_sharded`); each shard's Φ rows are a float32 .npy file written atomically beside the shard
+marker, read back memory-mapped one shard at a time (never all of Φ in memory). The Cholesky factor
+of ΦᵀΦ + λI over the TRAINING ids (`datamodule.train_ids`) is cached beside it, keyed by λ and the ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..data.base import CaptionedImageDataModule
+from ..data.queries import Query, QueryError
+from ..models.pipeline import TextToImageModel
+from ..models.sampling import generate, sampler_timesteps
+from ..modules.fisher import evaluation_mode
+from ..modules.output_gradients import (
+    GRADIENT_METHODS,
+    point_gradient_means,
+    resolve_method,
+    training_gradient_means,
+)
+from ..modules.projection import PROJECTION_KINDS, BlockwiseProjection
+from ..modules.sharded_sweep import atomic_save_tensors, run_sharded
+from ..modules.unlearning import mask_to_latent
+from ..utils.fingerprint import data_fingerprint, hash_json, model_fingerprint
+from ..utils.seeding import keyed_randn
+from .base import AttributionContext, Attributor, disk_bytes
+from .weight_subsets import SUBSETS, count_parameters, describe_subsets, select_parameters
+
+log = logging.getLogger(__name__)
+
+# The query's noise stream (its points at the train-side timesteps), apart from every other stream.
+TRAK_QUERY_STREAM = 6_517_203
+PROJECTION_DEVICES = ("cpu", "cuda")
+
+
+class TrainSideMismatchError(ValueError):
+    """A train-side store on disk that was made for another model, data or setting."""
+
+
+# ------------------------------------------------------------------------------------- kernel
+def gram_factor(features: Iterable[torch.Tensor], dim: int, damping: float) -> torch.Tensor:
+    """Lower Cholesky factor L (float64) of ΦᵀΦ + λI, Φ given as row blocks [n_i, dim]."""
+    if damping <= 0:
+        raise ValueError(f"damping (λ) must be positive, got {damping}: ΦᵀΦ alone is singular when k > N.")
+    gram: torch.Tensor | None = None
+    for block in features:
+        block = block.to(torch.float64)
+        part = block.T @ block
+        gram = part if gram is None else gram + part
+    if gram is None:
+        raise ValueError("No training features for the kernel: the model's training set is empty.")
+    gram.diagonal().add_(float(damping))
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        raise FloatingPointError(
+            f"ΦᵀΦ + λI is not positive definite (Cholesky failed at column {int(info)}; λ = {damping}): the "
+            "features contain NaN/inf or λ is too small for float64. Raise method.damping."
+        )
+    return factor
+
+
+def kernel_solve(factor: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """(ΦᵀΦ + λI)⁻¹ v for each row v of `vectors` [Q, k], given the Cholesky factor: [Q, k]."""
+    return torch.cholesky_solve(vectors.to(factor.dtype).T, factor).T
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+# --------------------------------------------------------------------------------- attributor
+class TRAKAttributor(Attributor):
+    """TRAK: f = the diffusion training loss (see the module docstring; dtrak/journeytrak below)."""
+
+    name = "trak"
+    train_output = "loss"
+    query_output = "loss"
+
+    def __init__(
+        self,
+        params: str = "kv",
+        projection_dim: int = 4096,
+        projection: str = "gaussian",
+        projection_device: str = "cpu",
+        block_rows: int = 1024,
+        damping: float = 1.0,
+        timesteps: Sequence[int] | None = None,
+        num_timesteps: int = 10,
+        captions: Sequence[int] | int | str = 1,
+        flips: str | Sequence[bool] = "auto",
+        batch_size: int = 64,
+        shard_size: int = 256,
+        buffer_mb: float = 256,
+        gradient_method: str = "auto",
+        store_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        # Checked when the config is read, before any query is generated or gradient computed.
+        if params not in SUBSETS:
+            raise ValueError(f"Unknown method.params={params!r}. Options: {describe_subsets()}.")
+        if projection not in PROJECTION_KINDS:
+            raise ValueError(f"Unknown method.projection={projection!r}; options: {PROJECTION_KINDS}.")
+        if projection_device not in PROJECTION_DEVICES:
+            raise ValueError(
+                f"Unknown method.projection_device={projection_device!r}; options: {PROJECTION_DEVICES} (cuda: "
+                "draw the random projection on the GPU, much faster at paper scale)."
+            )
+        if gradient_method not in GRADIENT_METHODS:
+            raise ValueError(
+                f"Unknown method.gradient_method={gradient_method!r}; options: {GRADIENT_METHODS}."
+            )
+        if int(projection_dim) < 1:
+            raise ValueError(f"method.projection_dim must be at least 1, got {projection_dim}.")
+        if not float(damping) > 0:
+            raise ValueError(f"method.damping (λ) must be positive, got {damping}.")
+        for key, value in (
+            ("batch_size", batch_size),
+            ("shard_size", shard_size),
+            ("block_rows", block_rows),
+        ):
+            if int(value) < 1:
+                raise ValueError(f"method.{key} must be at least 1, got {value}.")
+        self.params = params
+        self.projection_dim = int(projection_dim)
+        self.projection_kind = projection
+        self.projection_device = projection_device
+        self.block_rows = int(block_rows)
+        self.damping = float(damping)
+        self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
+        self.num_timesteps = int(num_timesteps)
+        self.captions = captions
+        self.flips = flips
+        self.batch_size = int(batch_size)
+        self.shard_size = int(shard_size)
+        self.buffer_mb = float(buffer_mb)
+        self.gradient_method = gradient_method
+        self.store_dir = store_dir
+
+    # ------------------------------------------------------------------------------- settings
+    def _resolve_settings(self, model: TextToImageModel, datamodule: CaptionedImageDataModule) -> None:
+        num_t = int(model.scheduler.config.num_train_timesteps)
+        if self.timesteps is not None:
+            steps = self.timesteps
+        else:  # evenly spaced from 0, as the unlearning sweep ({0, 100, ..., 900} for 10 of 1000)
+            steps = list(range(0, num_t, max(1, num_t // self.num_timesteps)))[: self.num_timesteps]
+        bad = [t for t in steps if not 0 <= t < num_t]
+        if bad or not steps:
+            raise ValueError(f"method.timesteps {bad or steps} must be a non-empty list within [0, {num_t}).")
+        self.resolved_timesteps = steps
+        if self.captions == "all":
+            source = datamodule.source
+            self.caption_indices = list(range(max(len(source.captions(i)) for i in range(len(source)))))
+        elif isinstance(self.captions, int):
+            self.caption_indices = list(range(int(self.captions)))
+        else:
+            self.caption_indices = [int(c) for c in self.captions]
+        if self.flips == "auto":
+            self.resolved_flips = [False, True] if datamodule.random_flip else [False]
+        else:
+            self.resolved_flips = [bool(f) for f in self.flips]
+
+    def train_side_config(self) -> dict[str, Any]:
+        """What decides Φ (and so the store's key): not the batch or shard sizes."""
+        return {
+            "output": self.train_output,
+            "params": self.params,
+            "timesteps": self.resolved_timesteps,
+            "caption_indices": self.caption_indices,
+            "flips": self.resolved_flips,
+            "seed": self.seed,
+            "projection": self.projection.describe(),
+        }
+
+    def config(self) -> dict[str, Any]:
+        settings: dict[str, Any] = {
+            "train_output": self.train_output,
+            "query_output": self.query_output,
+            "params": self.params,
+            "projection_dim": self.projection_dim,
+            "projection": self.projection_kind,
+            "projection_device": self.projection_device,
+            "block_rows": self.block_rows,
+            "damping": self.damping,
+            "flips": self.flips,
+        }
+        if hasattr(self, "resolved_timesteps"):
+            settings.update(
+                timesteps=self.resolved_timesteps,
+                caption_indices=self.caption_indices,
+                flips=self.resolved_flips,
+                num_weights=self.num_weights,
+                store=str(self.store),
+            )
+        return settings
+
+    # -------------------------------------------------------------------------------- prepare
+    def prepare(
+        self, model: TextToImageModel, datamodule: CaptionedImageDataModule, context: AttributionContext
+    ) -> None:
+        self.model, self.datamodule, self.context = model, datamodule, context
+        self.seed = int(context.seed)
+        self.selected = select_parameters(model.unet, self.params)
+        self.num_weights = count_parameters(self.selected)
+        self._resolve_settings(model, datamodule)
+        # Raises (naming the limit) when projection_dim exceeds the subset's weight count.
+        self.projection = BlockwiseProjection(
+            {name: p.shape for name, p in self.selected.items()},
+            self.projection_dim,
+            seed=self.seed,
+            kind=self.projection_kind,
+            block_rows=self.block_rows,
+            device=self.projection_device,
+        )
+        self.method_used = resolve_method(model.unet, self.selected, self.gradient_method)
+        self.all_ids = np.arange(datamodule.num_examples)
+        self.train_ids = np.asarray(datamodule.train_ids, dtype=np.int64)
+        self.identity = {
+            "model": model_fingerprint(model),
+            "data": data_fingerprint(datamodule),
+            "train_side": self.train_side_config(),
+        }
+        key = hash_json(self.identity)
+        self.store = Path(self.store_dir) if self.store_dir else context.cache_dir / "trak" / key
+        self._check_store()
+        per_example = len(self.resolved_timesteps) * len(self.caption_indices) * len(self.resolved_flips)
+        log.info(
+            "%s train side: %d weights (%s, %s gradients of %s) -> %d dims; %d examples x up to %d points; "
+            "store %s",
+            self.name,
+            self.num_weights,
+            self.params,
+            self.method_used,
+            self.train_output,
+            self.projection_dim,
+            len(self.all_ids),
+            per_example,
+            self.store,
+        )
+        started = time.perf_counter()
+        markers = run_sharded(
+            model,
+            self._shard_features,
+            self.all_ids,
+            self.store,
+            self.identity,
+            self.shard_size,
+            # Lightning predicts under inference_mode, in which no backward pass can run.
+            {**context.trainer_kwargs, "inference_mode": False},
+            f"{self.name} projected gradients",
+        )
+        self.shards = [marker["ids"].numpy() for marker in markers]
+        self.timing = {"train_features_s": time.perf_counter() - started}
+        started = time.perf_counter()
+        self.factor = self._kernel_factor()
+        self.timing["kernel_s"] = time.perf_counter() - started
+
+    def _check_store(self) -> None:
+        """Refuse a store made for another model/data/setting with a message that says what to do
+        (run_sharded would refuse it too, but could not say why)."""
+        meta_path = self.store / "sweep.json"
+        if not meta_path.is_file():
+            return
+        existing = json.loads(meta_path.read_text())
+        old, new = existing.get("identity", {}), _plain(self.identity)
+        if old != new:
+            differing = [part for part in ("model", "data", "train_side") if old.get(part) != new.get(part)]
+            what = {"model": "model weights", "data": "training data", "train_side": "method settings"}
+            detail = ""
+            if "train_side" in differing:
+                changed = sorted(
+                    k
+                    for k in set(old.get("train_side", {})) | set(new["train_side"])
+                    if old.get("train_side", {}).get(k) != new["train_side"].get(k)
+                )
+                detail = f" (settings that differ: {changed})"
+            raise TrainSideMismatchError(
+                f"The {self.name} train-side store {self.store} holds projected gradients of other "
+                f"{' and '.join(what[d] for d in differing)}{detail}: they cannot score this model's queries. "
+                "Delete that folder to recompute it for this model, or set method.store_dir to a new folder "
+                "(or leave method.store_dir unset: stores are then kept under cache_dir, one per model, "
+                "data and settings)."
+            )
+        if existing.get("shard_size") != self.shard_size:
+            raise TrainSideMismatchError(
+                f"The train-side store {self.store} was written in shards of {existing.get('shard_size')} "
+                f"examples: set method.shard_size={existing.get('shard_size')} to reuse (or resume) it."
+            )
+
+    def _ids_per_chunk(self) -> int:
+        """Examples whose mean gradients (float64) fit in buffer_mb, projected together."""
+        per_example = self.num_weights * 8
+        return max(1, min(self.shard_size, int(self.buffer_mb * 2**20) // per_example))
+
+    def _shard_features(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        shard = int(ids[0]) // self.shard_size  # ids are 0..N-1 in order
+        dataset = self.datamodule.full_dataset()
+        rows = []
+        with evaluation_mode(self.model):
+            for begin in range(0, len(ids), self._ids_per_chunk()):
+                chunk = ids[begin : begin + self._ids_per_chunk()].tolist()
+                means = training_gradient_means(
+                    self.model,
+                    dataset,
+                    chunk,
+                    self.selected,
+                    self.train_output,
+                    self.resolved_timesteps,
+                    self.caption_indices,
+                    self.resolved_flips,
+                    seed=self.seed,
+                    batch_size=self.batch_size,
+                    method=self.gradient_method,
+                )
+                rows.append(self.projection.project(means).to("cpu", torch.float32))
+        features = torch.cat(rows)
+        _atomic_save_npy(self._feature_path(shard), features.numpy())
+        seconds = time.perf_counter() - started
+        log.info(
+            "%s shard %d: %d examples in %.1f s (%.2f examples/s)",
+            self.name,
+            shard,
+            len(ids),
+            seconds,
+            len(ids) / max(seconds, 1e-9),
+        )
+        return {"ids": torch.as_tensor(ids, dtype=torch.int64)}
+
+    def _feature_path(self, shard: int) -> Path:
+        return self.store / f"features_{shard:06d}.npy"
+
+    def iter_features(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(ids, Φ rows [len(ids), k] float32), one memory-mapped shard at a time."""
+        for shard, ids in enumerate(self.shards):
+            path = self._feature_path(shard)
+            if not path.is_file():
+                raise TrainSideMismatchError(
+                    f"{path} is missing although its shard marker exists: the store {self.store} is incomplete. "
+                    "Delete the folder to recompute it."
+                )
+            features = np.load(path, mmap_mode="r")
+            if features.shape != (len(ids), self.projection_dim):
+                raise TrainSideMismatchError(
+                    f"{path} holds {features.shape} features; expected {(len(ids), self.projection_dim)}. The "
+                    "store is corrupt: delete it to recompute."
+                )
+            yield ids, torch.from_numpy(np.array(features))  # this shard only, copied out of the map
+
+    def _kernel_path(self) -> Path:
+        key = hash_json([self.damping, self.train_ids.tolist()])
+        return self.store / f"kernel_{key}.safetensors"
+
+    def _kernel_factor(self) -> torch.Tensor:
+        path = self._kernel_path()
+        if path.is_file():
+            log.info("Kernel factor loaded from %s", path)
+            return load_file(str(path))["factor"]
+        is_train = np.zeros(len(self.all_ids), dtype=bool)
+        is_train[self.train_ids] = True
+        diagonal = 0.0
+
+        def train_rows() -> Iterator[torch.Tensor]:
+            nonlocal diagonal
+            for ids, features in self.iter_features():
+                rows = features[torch.from_numpy(is_train[ids])]
+                diagonal += float(rows.double().pow(2).sum())
+                yield rows
+
+        factor = gram_factor(train_rows(), self.projection_dim, self.damping)
+        log.info(
+            "Kernel over %d training examples: mean diag(ΦᵀΦ) = %.3g, damping λ = %.3g",
+            len(self.train_ids),
+            diagonal / self.projection_dim,
+            self.damping,
+        )
+        atomic_save_tensors(path, {"factor": factor})
+        return factor
+
+    def train_side_bytes(self) -> int:
+        store = getattr(self, "store", None)
+        if store is None:
+            return 0
+        files = [store / "sweep.json", self._kernel_path()]
+        files += list(store.glob("shard_*.safetensors")) + list(store.glob("features_*.npy"))
+        return disk_bytes(*files)
+
+    # ---------------------------------------------------------------------------------- score
+    def query_points(
+        self, query: Query, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """(noisy inputs [P, C, H, W], timesteps [P], targets [P, ...] or None, record) at which the
+        query's output function is differentiated (its mean gradient is φ(q) before projection)."""
+        latent = query.latent.to(self.model.device, self.model.unet.dtype)
+        steps = self.resolved_timesteps
+        noise = torch.stack(
+            [keyed_randn(self.model.latent_shape, self.seed, TRAK_QUERY_STREAM, t) for t in steps]
+        ).to(latent)
+        t = torch.tensor(steps, dtype=torch.long, device=latent.device)
+        latents = latent[None].expand(len(steps), *latent.shape)
+        with torch.no_grad():
+            noisy = self.model.add_noise(latents, noise, t)
+            target = self.model.target(latents, noise, t)
+        return noisy, t, target, {"timesteps": steps}
+
+    def query_features(self, queries: Sequence[Query]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Projected query gradients [Q, k] float64 and a record per query."""
+        rows, records = [], []
+        with evaluation_mode(self.model):
+            for k, query in enumerate(queries):
+                started = time.perf_counter()
+                noisy, t, target, record = self.query_points(query, k)
+                mask = None
+                if query.mask is not None:
+                    mask = mask_to_latent(query.mask, self.model.latent_shape[-2:])[None].to(
+                        self.model.device
+                    )
+                means = point_gradient_means(
+                    self.model,
+                    self.selected,
+                    noisy,
+                    t,
+                    [query.caption] * len(t),
+                    self.query_output,
+                    target,
+                    mask,
+                    batch_size=self.batch_size,
+                    method=self.gradient_method,
+                )
+                rows.append(self.projection.project({n: v[None] for n, v in means.items()})[0])
+                norm = math.sqrt(sum(float(v.pow(2).sum()) for v in means.values()))
+                records.append({**record, "gradient_norm": norm, "gradient_s": time.perf_counter() - started})
+        return torch.stack(rows), records
+
+    def score(self, queries: list[Query]) -> np.ndarray:
+        started = time.perf_counter()
+        features, records = self.query_features(queries)
+        gradient_s = time.perf_counter() - started
+        solved = kernel_solve(self.factor.to(features.device), features)  # [Q, k]
+        scores = np.zeros((len(queries), len(self.all_ids)), dtype=np.float32)
+        for ids, rows in self.iter_features():
+            scores[:, ids] = (solved.cpu() @ rows.double().T).to(torch.float32).numpy()
+        scoring_s = time.perf_counter() - started - gradient_s
+        for k, record in enumerate(records):
+            # The kernel pass over Φ is shared by the queries: each gets its share of it.
+            record["seconds"] = record["gradient_s"] + scoring_s / len(queries)
+            self.query_records.append(record)
+            log.info("%s query %d: %.2f s (%s)", self.name, k, record["seconds"], record)
+        return scores
+
+
+class DTRAKAttributor(TRAKAttributor):
+    """D-TRAK: f = ‖model output‖² (averaged over pixels), for the training examples and the query."""
+
+    name = "dtrak"
+    train_output = "output_norm"
+    query_output = "output_norm"
+
+
+class JourneyTRAKAttributor(TRAKAttributor):
+    """JourneyTRAK: training side as TRAK; the query differentiated at one step of its own sampling
+    trajectory (`query_timestep`, the nearest step the sampler visits)."""
+
+    name = "journeytrak"
+
+    def __init__(self, query_timestep: int = 400, regeneration_atol: float = 1e-3, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.query_timestep = int(query_timestep)
+        self.regeneration_atol = float(regeneration_atol)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "query_timestep": self.query_timestep}
+
+    def query_points(
+        self, query: Query, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        source = query.source
+        if "prompt" not in source or "seed" not in source:
+            raise QueryError(
+                f"Query {index} ({source.get('image', query.caption)!r}) is an image: method=journeytrak needs a "
+                "query the model generated (query.prompts=[...] with query.seeds=[...]), because it differentiates "
+                "along the query's own sampling trajectory, which an image does not have. Use method=trak or "
+                "method=dtrak for image queries."
+            )
+        num_steps = int(source.get("num_steps", 30))
+        sampler = str(source.get("sampler", "ddim"))
+        guidance = float(source.get("guidance_scale", 3.0))
+        visited = sampler_timesteps(self.model, num_steps, sampler)
+        t = min(visited, key=lambda s: (abs(s - self.query_timestep), s))
+        samples = generate(
+            self.model,
+            [str(source["prompt"])],
+            [int(source["seed"])],
+            num_steps=num_steps,
+            guidance_scale=guidance,
+            sampler=sampler,
+            record_timesteps=[t],
+        )
+        final = query.latent.to(samples.latents)
+        difference = float((samples.latents[0] - final).abs().max())
+        if not difference <= self.regeneration_atol:
+            raise QueryError(
+                f"Query {index} ({source['prompt']!r}, seed {source['seed']}) regenerated with {sampler}, {num_steps} "
+                f"steps, guidance {guidance} ends {difference:.3g} away from its saved final latent: it was not "
+                "generated by this model with these settings, so its trajectory is unknown. Generate the query "
+                "with this checkpoint (attribute.py does), or use method=trak / method=dtrak."
+            )
+        x_t = samples.trajectory[t]
+        alpha_bar = self.model.scheduler.alphas_cumprod[t].to(x_t)
+        noise = (x_t - alpha_bar.sqrt() * final[None]) / (1 - alpha_bar).sqrt()
+        timesteps = torch.tensor([t], dtype=torch.long, device=x_t.device)
+        with torch.no_grad():
+            target = self.model.target(final[None], noise, timesteps)
+        record = {"trajectory_timestep": t, "regenerated_max_abs_diff": difference}
+        return x_t, timesteps, target, record
