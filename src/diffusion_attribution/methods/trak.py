@@ -400,7 +400,8 @@ class TRAKAttributor(Attributor):
         def train_rows() -> Iterator[torch.Tensor]:
             nonlocal diagonal
             for ids, features in self.iter_features():
-                rows = features[torch.from_numpy(is_train[ids])]
+                # On the model's device: ΦᵀΦ at paper scale is 2.5e14 float64 operations.
+                rows = features[torch.from_numpy(is_train[ids])].to(self.model.device)
                 diagonal += float(rows.double().pow(2).sum())
                 yield rows
 
@@ -412,7 +413,7 @@ class TRAKAttributor(Attributor):
             self.damping,
         )
         atomic_save_tensors(path, {"factor": factor})
-        return factor
+        return factor.cpu()
 
     def train_side_bytes(self) -> int:
         store = getattr(self, "store", None)
@@ -476,7 +477,8 @@ class TRAKAttributor(Attributor):
         solved = kernel_solve(self.factor.to(features.device), features)  # [Q, k]
         scores = np.zeros((len(queries), len(self.all_ids)), dtype=np.float32)
         for ids, rows in self.iter_features():
-            scores[:, ids] = (solved.cpu() @ rows.double().T).to(torch.float32).numpy()
+            product = solved @ rows.to(solved.device, torch.float64).T
+            scores[:, ids] = product.to("cpu", torch.float32).numpy()
         scoring_s = time.perf_counter() - started - gradient_s
         for k, record in enumerate(records):
             # The kernel pass over Φ is shared by the queries: each gets its share of it.
