@@ -35,8 +35,10 @@ from diffusion_attribution.methods.trak import (
     JourneyTRAKAttributor,
     TrainSideMismatchError,
     TRAKAttributor,
+    example_gram_factor,
     gram_factor,
     kernel_solve,
+    woodbury_solve,
 )
 from diffusion_attribution.methods.weight_subsets import select_parameters
 from diffusion_attribution.models.sampling import generate, sampler_timesteps
@@ -109,7 +111,7 @@ def plain_gradient(model, params, value: torch.Tensor) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads]).double()
 
 
-def brute_force_scores(model, data, query, output: str) -> np.ndarray:
+def brute_force_scores(model, data, query, output: str, dim: int) -> np.ndarray:
     """One (example, caption, flip, timestep) at a time with loss.backward-style autograd."""
     params = select_parameters(model.unet, "kv")
     dataset = data.full_dataset()
@@ -145,7 +147,7 @@ def brute_force_scores(model, data, query, output: str) -> np.ndarray:
     # The projection matrix materialised from the same generator (rows: parameters in model order).
     matrix = BlockwiseProjection(
         {n: p.shape for n, p in params.items()},
-        SETTINGS["projection_dim"],
+        dim,
         seed=0,
         block_rows=SETTINGS["block_rows"],
     ).matrix()
@@ -155,20 +157,25 @@ def brute_force_scores(model, data, query, output: str) -> np.ndarray:
     return (q_feature @ torch.linalg.inv(kernel) @ features.T).numpy()
 
 
-@pytest.mark.parametrize("cls,output", [(TRAKAttributor, "loss"), (DTRAKAttributor, "output_norm")])
-def test_scores_match_a_brute_force_implementation(world, tmp_path: Path, cls, output: str) -> None:
+# k = 96 > 13 training examples: the N x N (Woodbury) form of the kernel; k = 10: the k x k form.
+@pytest.mark.parametrize(
+    "cls,output,dim,form",
+    [(TRAKAttributor, "loss", 96, "examples"), (DTRAKAttributor, "output_norm", 10, "features")],
+)
+def test_scores_match_a_brute_force_implementation(world, tmp_path: Path, cls, output, dim, form) -> None:
     model, data, query = world
-    attributor = prepared(cls, world, tmp_path)
+    attributor = prepared(cls, world, tmp_path, projection_dim=dim)
+    assert attributor.kernel_form == form
     with torch.no_grad():
         scores = attributor.score([query])
-    expected = brute_force_scores(model, data, query, output)
+    expected = brute_force_scores(model, data, query, output, dim)
     assert scores.shape == (1, data.num_examples) and scores.dtype == np.float32
     assert np.abs(expected).max() > 0 and np.isfinite(scores).all()
     np.testing.assert_allclose(scores[0], expected, rtol=0, atol=2e-4 * np.abs(expected).max())
     # Excluded ids are scored too (they have a column), but are not part of the kernel.
     assert len(data.train_ids) == data.num_examples - len(EXCLUDED)
     assert attributor.config()["train_output"] == output
-    assert attributor.train_side_bytes() > data.num_examples * SETTINGS["projection_dim"] * 4
+    assert attributor.train_side_bytes() > data.num_examples * dim * 4
 
 
 @pytest.mark.parametrize("output", ["loss", "output_norm"])
@@ -205,6 +212,11 @@ def test_kernel_solve_matches_an_explicit_inverse() -> None:
     torch.testing.assert_close(
         kernel_solve(factor, queries), queries.double() @ explicit, rtol=1e-9, atol=1e-9
     )
+    # The N x N form (used when k exceeds the number of training examples) gives the same solve.
+    few = phi[:12]
+    explicit = torch.linalg.inv(few.T @ few + 0.5 * torch.eye(20, dtype=torch.float64))
+    woodbury = woodbury_solve(example_gram_factor(few, 0.5), few, queries, 0.5)
+    torch.testing.assert_close(woodbury, queries.double() @ explicit, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="damping"):
         gram_factor(blocks, 20, damping=0.0)
 

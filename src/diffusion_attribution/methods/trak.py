@@ -19,8 +19,10 @@ model's training examples,
 prepare: Φ for every example of the source (excluded ids too, so that every column is scored) is
 computed once per (model, data, train-side settings) as a sharded, resumable, DDP-split run
 (`run_sharded`); each shard's Φ rows are a float32 .npy file written atomically beside the shard
-marker, read back memory-mapped one shard at a time (never all of Φ in memory). The Cholesky factor
-of ΦᵀΦ + λI over the TRAINING ids (`datamodule.train_ids`) is cached beside it, keyed by λ and the ids.
+marker, read back memory-mapped one shard at a time (never all of Φ in memory). The kernel is over
+the model's TRAINING ids (`datamodule.train_ids`); its Cholesky factor is cached beside Φ, keyed by λ
+and the ids, in the smaller of two forms that give the same scores: ΦᵀΦ + λI (k x k, paper scale) or,
+when k exceeds the number of training examples, ΦΦᵀ + λI (N x N, solved with the Woodbury identity).
 """
 
 from __future__ import annotations
@@ -93,6 +95,31 @@ def gram_factor(features: Iterable[torch.Tensor], dim: int, damping: float) -> t
 def kernel_solve(factor: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """(ΦᵀΦ + λI)⁻¹ v for each row v of `vectors` [Q, k], given the Cholesky factor: [Q, k]."""
     return torch.cholesky_solve(vectors.to(factor.dtype).T, factor).T
+
+
+def example_gram_factor(features: torch.Tensor, damping: float) -> torch.Tensor:
+    """Lower Cholesky factor (float64) of ΦΦᵀ + λI for Φ [N, k]: the N x N form, smaller when N < k."""
+    if damping <= 0:
+        raise ValueError(f"damping (λ) must be positive, got {damping}.")
+    phi = features.to(torch.float64)
+    gram = phi @ phi.T
+    gram.diagonal().add_(float(damping))
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        raise FloatingPointError(
+            f"ΦΦᵀ + λI is not positive definite (λ = {damping}): the features contain NaN/inf. Recompute the store."
+        )
+    return factor
+
+
+def woodbury_solve(
+    factor: torch.Tensor, features: torch.Tensor, vectors: torch.Tensor, damping: float
+) -> torch.Tensor:
+    """(ΦᵀΦ + λI)⁻¹ v = (v − Φᵀ(ΦΦᵀ + λI)⁻¹Φ v) / λ for each row v of `vectors` [Q, k], given the
+    factor of ΦΦᵀ + λI (`example_gram_factor`) and Φ [N, k]: [Q, k], equal to `kernel_solve`."""
+    phi = features.to(factor)
+    v = vectors.to(factor).T  # [k, Q]
+    return ((v - phi.T @ torch.cholesky_solve(phi @ v, factor)) / float(damping)).T
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -251,6 +278,7 @@ class TRAKAttributor(Attributor):
         )
         self.method_used = resolve_method(model.unet, self.selected, self.gradient_method)
         self.all_ids = np.arange(datamodule.num_examples)
+        self.dataset = datamodule.full_dataset()
         self.train_ids = np.asarray(datamodule.train_ids, dtype=np.int64)
         self.identity = {
             "model": model_fingerprint(model),
@@ -289,7 +317,7 @@ class TRAKAttributor(Attributor):
         self.shards = [marker["ids"].numpy() for marker in markers]
         self.timing = {"train_features_s": time.perf_counter() - started}
         started = time.perf_counter()
-        self.factor = self._kernel_factor()
+        self._prepare_kernel()
         self.timing["kernel_s"] = time.perf_counter() - started
 
     def _check_store(self) -> None:
@@ -332,7 +360,7 @@ class TRAKAttributor(Attributor):
     def _shard_features(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
         started = time.perf_counter()
         shard = int(ids[0]) // self.shard_size  # ids are 0..N-1 in order
-        dataset = self.datamodule.full_dataset()
+        dataset = self.dataset
         rows = []
         with evaluation_mode(self.model):
             for begin in range(0, len(ids), self._ids_per_chunk()):
@@ -385,35 +413,49 @@ class TRAKAttributor(Attributor):
             yield ids, torch.from_numpy(np.array(features))  # this shard only, copied out of the map
 
     def _kernel_path(self) -> Path:
-        key = hash_json([self.damping, self.train_ids.tolist()])
+        key = hash_json([self.damping, self.train_ids.tolist(), getattr(self, "kernel_form", "features")])
         return self.store / f"kernel_{key}.safetensors"
 
-    def _kernel_factor(self) -> torch.Tensor:
-        path = self._kernel_path()
-        if path.is_file():
-            log.info("Kernel factor loaded from %s", path)
-            return load_file(str(path))["factor"]
+    def _train_rows(self) -> Iterator[torch.Tensor]:
+        """Φ's rows of the model's training ids, shard by shard, on the model's device."""
         is_train = np.zeros(len(self.all_ids), dtype=bool)
         is_train[self.train_ids] = True
-        diagonal = 0.0
+        for ids, features in self.iter_features():
+            yield features[torch.from_numpy(is_train[ids])].to(self.model.device)
 
-        def train_rows() -> Iterator[torch.Tensor]:
-            nonlocal diagonal
-            for ids, features in self.iter_features():
-                # On the model's device: ΦᵀΦ at paper scale is 2.5e14 float64 operations.
-                rows = features[torch.from_numpy(is_train[ids])].to(self.model.device)
-                diagonal += float(rows.double().pow(2).sum())
-                yield rows
-
-        factor = gram_factor(train_rows(), self.projection_dim, self.damping)
+    def _prepare_kernel(self) -> None:
+        """The Cholesky factor of the smaller of two equal forms: ΦᵀΦ + λI (k x k) when k <= N_train,
+        else ΦΦᵀ + λI (N_train x N_train, solved with Woodbury, Φ_train kept in memory). Cached."""
+        self.kernel_form = "features" if self.projection_dim <= len(self.train_ids) else "examples"
+        self.train_features = None
+        if self.kernel_form == "examples":
+            self.train_features = torch.cat(list(self._train_rows())).to(torch.float64)
+        path = self._kernel_path()
+        if path.is_file():
+            self.factor = load_file(str(path), device=str(self.model.device))["factor"]
+            log.info("Kernel factor (%s form) loaded from %s", self.kernel_form, path)
+            return
+        if self.kernel_form == "features":
+            # On the model's device: ΦᵀΦ at paper scale is 2.5e14 float64 operations.
+            self.factor = gram_factor(self._train_rows(), self.projection_dim, self.damping)
+        else:
+            self.factor = example_gram_factor(self.train_features, self.damping)
+        # For choosing λ: diag(ΦᵀΦ) has mean Σ‖φ‖²/k, both forms give the same scores.
+        squared = sum(float(rows.double().pow(2).sum()) for rows in self._train_rows())
         log.info(
-            "Kernel over %d training examples: mean diag(ΦᵀΦ) = %.3g, damping λ = %.3g",
+            "Kernel over %d training examples (%s form): mean diag(ΦᵀΦ) = %.3g, damping λ = %.3g",
             len(self.train_ids),
-            diagonal / self.projection_dim,
+            self.kernel_form,
+            squared / self.projection_dim,
             self.damping,
         )
-        atomic_save_tensors(path, {"factor": factor})
-        return factor.cpu()
+        atomic_save_tensors(path, {"factor": self.factor})
+
+    def kernel_solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(ΦᵀΦ + λI)⁻¹ v for each row of `vectors` [Q, k] (float64, on the factor's device)."""
+        if self.kernel_form == "features":
+            return kernel_solve(self.factor, vectors.to(self.factor.device))
+        return woodbury_solve(self.factor, self.train_features, vectors.to(self.factor.device), self.damping)
 
     def train_side_bytes(self) -> int:
         store = getattr(self, "store", None)
@@ -474,7 +516,7 @@ class TRAKAttributor(Attributor):
         started = time.perf_counter()
         features, records = self.query_features(queries)
         gradient_s = time.perf_counter() - started
-        solved = kernel_solve(self.factor.to(features.device), features)  # [Q, k]
+        solved = self.kernel_solve(features)  # [Q, k]
         scores = np.zeros((len(queries), len(self.all_ids)), dtype=np.float32)
         for ids, rows in self.iter_features():
             product = solved @ rows.to(solved.device, torch.float64).T
