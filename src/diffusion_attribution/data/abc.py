@@ -127,24 +127,22 @@ def encode_exemplar_latents(
     dataset: CaptionedImageDataset,
     ids: Sequence[int],
     sample_seed: int | None = None,
-    batch_size: int = 16,
 ) -> torch.Tensor:
     """The UNet-input latents of examples `ids` [len(ids), C, h, w]: the VAE posterior mean (default)
-    or, with `sample_seed`, a posterior sample whose noise is keyed by (seed, id), so the result does
-    not depend on batching; both scaled by the VAE's scaling factor (models/pipeline.py
-    encode_images). Pixel models return the pixels."""
+    or, with `sample_seed`, a posterior sample whose noise is keyed by (seed, id); both scaled by the
+    VAE's scaling factor (models/pipeline.py encode_images). Each image is encoded on its own, so an
+    example's latent is bit-identical whichever ids it is encoded with. Pixel models return pixels."""
     rows = []
-    for begin in range(0, len(ids), batch_size):
-        chunk = [int(i) for i in ids[begin : begin + batch_size]]
-        pixels = torch.stack([dataset.example(i)["pixel_values"] for i in chunk]).to(model.device)
+    for i in (int(i) for i in ids):
+        pixels = dataset.example(i)["pixel_values"][None].to(model.device)
         if sample_seed is None or model.vae is None:
             rows.append(model.encode_images(pixels).cpu())
             continue
-        for i, image in zip(chunk, pixels, strict=True):
-            generator = keyed_generator(sample_seed, ENCODE_STREAM, i)
-            posterior = model.vae.encode(image[None].to(model.vae.dtype)).latent_dist
-            noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device)
-            rows.append(((posterior.mean + posterior.std * noise) * model.latent_scale).cpu())
+        posterior = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=keyed_generator(sample_seed, ENCODE_STREAM, i))
+        rows.append(
+            ((posterior.mean + posterior.std * noise.to(posterior.mean.device)) * model.latent_scale).cpu()
+        )
     return torch.cat(rows)
 
 

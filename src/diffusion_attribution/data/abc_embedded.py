@@ -65,6 +65,11 @@ FRAME = (230, 60, 200)  # magenta, a colour the world never uses
 SEPIA_DARK, SEPIA_LIGHT = np.array([60, 35, 15], np.float32), np.array([245, 225, 180], np.float32)
 
 
+def _concept_key(name: str) -> int:
+    """A stable integer per concept (its random streams), validating the name."""
+    return OBJECT_CONCEPTS.index(name) if concept_type(name) == "object" else 100 + STYLE_CONCEPTS.index(name)
+
+
 def concept_type(name: str) -> str:
     if name in OBJECT_CONCEPTS:
         return "object"
@@ -163,9 +168,7 @@ def render_exemplars(
     name: str, count: int, seed: int, resolution: int = 32
 ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
     """The concept's exemplars: images and records (captions + attributes), from `seed` alone."""
-    rng = np.random.default_rng(
-        [seed, OBJECT_CONCEPTS.index(name) if name in OBJECT_CONCEPTS else 100 + STYLE_CONCEPTS.index(name)]
-    )
+    rng = np.random.default_rng([seed, _concept_key(name)])
     kind = concept_type(name)
     colours = _balanced_choices(rng, tuple(COLOURS), count)
     backgrounds = _balanced_choices(rng, tuple(BACKGROUNDS), count)
@@ -212,13 +215,7 @@ def write_image_folder(folder: Path, images: list[np.ndarray], records: list[dic
 def query_prompts(name: str, count: int, seed: int) -> list[tuple[str, int]]:
     """(prompt, sampling seed) pairs for the concept's queries: colours/backgrounds (and, for styles,
     shapes) drawn from their own seeded stream, different seeds per query."""
-    rng = np.random.default_rng(
-        [
-            seed,
-            7919,
-            OBJECT_CONCEPTS.index(name) if name in OBJECT_CONCEPTS else 100 + STYLE_CONCEPTS.index(name),
-        ]
-    )
+    rng = np.random.default_rng([seed, 7919, _concept_key(name)])
     colours = _balanced_choices(rng, tuple(COLOURS), count)
     backgrounds = _balanced_choices(rng, tuple(BACKGROUNDS), count)
     shapes = _balanced_choices(rng, SHAPES, count)
@@ -360,6 +357,7 @@ def build_concept(
     num_distractors: int,
     regularization: CaptionedImageDataModule | None,
     accelerator: str = "cpu",
+    resolution: int = 32,
 ) -> Path:
     """One concept's folder (exemplars, customized model, queries), written atomically."""
     import torch
@@ -374,7 +372,7 @@ def build_concept(
     tmp = root / f".{name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.perf_counter()
-    images, records = render_exemplars(name, settings.exemplars_per_concept, settings.seed)
+    images, records = render_exemplars(name, settings.exemplars_per_concept, settings.seed, resolution)
     write_image_folder(tmp / "exemplars", images, records)
     seed = settings.seed * 1000 + settings.concepts.index(name)
     customize_concept(
@@ -460,7 +458,9 @@ def build_abc_embedded(
     (root / "benchmark.json").write_text(json.dumps(info, indent=2))
     for k, name in enumerate(settings.concepts):
         log.info("AbC concept %d/%d: %s", k + 1, len(settings.concepts), name)
-        build_concept(name, base_checkpoint, root, settings, num_distractors, distractors, accelerator)
+        build_concept(
+            name, base_checkpoint, root, settings, num_distractors, distractors, accelerator, resolution
+        )
     return root
 
 

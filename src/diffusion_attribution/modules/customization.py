@@ -103,7 +103,8 @@ def add_concept_tokens(
                 weight[token_id] = base_mean
                 continue
             word_ids = single_token_id(model, word)
-            if not word_ids or any(i >= old_rows for i in word_ids):
+            unknown = model.tokenizer.unk_token_id
+            if not word_ids or any(i >= old_rows or (unknown is not None and i == unknown) for i in word_ids):
                 raise CustomizationError(
                     f"Initializer word {word!r} for {token} encodes to {word_ids}: give a word the model "
                     "already knows (or null for the mean embedding)."
@@ -224,17 +225,19 @@ def load_customization(model: TextToImageModel, path: str | Path) -> TextToImage
     missing_rows = [t for t in tokens if f"{TOKEN_PREFIX}{t}" not in tensors]
     if missing_rows:
         raise CustomizationError(f"{path}: no embedding row for token(s) {missing_rows}.")
+    width = token_embedding_table(model).weight.shape[1]
+    for token in tokens:  # checked before the model is changed
+        row = tensors[f"{TOKEN_PREFIX}{token}"]
+        if tuple(row.shape) != (width,):
+            raise CustomizationError(
+                f"{path}: the row of {token} has shape {tuple(row.shape)}, the text encoder's width is {width}: "
+                "the customization was made for another base model."
+            )
     ids = add_concept_tokens(model, tokens)
     weight = token_embedding_table(model).weight
     with torch.no_grad():
         for token, token_id in zip(tokens, ids, strict=True):
-            row = tensors[f"{TOKEN_PREFIX}{token}"]
-            if tuple(row.shape) != (weight.shape[1],):
-                raise CustomizationError(
-                    f"{path}: the row of {token} has shape {tuple(row.shape)}, the text encoder's width is "
-                    f"{weight.shape[1]}."
-                )
-            weight[token_id] = row.to(weight.dtype)
+            weight[token_id] = tensors[f"{TOKEN_PREFIX}{token}"].to(weight.dtype)
     unet_state = {k[len(UNET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
     others = sorted(k for k in tensors if not k.startswith((UNET_PREFIX, TOKEN_PREFIX)))
     if others:
