@@ -229,6 +229,13 @@ def test_scores_do_not_depend_on_batch_or_shard_size(world, tmp_path: Path) -> N
     first, second = small.score([query]), large.score([query])
     assert np.abs(first).max() > 0
     np.testing.assert_allclose(first, second, rtol=0, atol=1e-5 * np.abs(first).max())
+    # Queries scored together (projected in one pass) score as they do alone.
+    _, data, _ = world
+    example = data.full_dataset().example(4)
+    image_query = Query(example["caption"], example["pixel_values"], example["pixel_values"], None, {})
+    together = small.score([image_query, query])
+    np.testing.assert_allclose(together[1], first[0], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(together[0], small.score([image_query])[0], rtol=1e-6, atol=0)
 
 
 class Killed(RuntimeError):

@@ -484,8 +484,21 @@ class TRAKAttributor(Attributor):
         return noisy, t, target, {"timesteps": steps}
 
     def query_features(self, queries: Sequence[Query]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-        """Projected query gradients [Q, k] float64 and a record per query."""
-        rows, records = [], []
+        """Projected query gradients [Q, k] float64 and a record per query. The mean gradients of
+        up to buffer_mb worth of queries are projected together (one pass over the projection)."""
+        rows: list[torch.Tensor] = []
+        records: list[dict[str, Any]] = []
+        pending: list[dict[str, torch.Tensor]] = []
+
+        def project_pending() -> None:
+            started = time.perf_counter()
+            batch = {name: torch.stack([means[name] for means in pending]) for name in self.selected}
+            rows.append(self.projection.project(batch))
+            share = (time.perf_counter() - started) / len(pending)
+            for record in records[-len(pending) :]:
+                record["gradient_s"] += share
+            pending.clear()
+
         with evaluation_mode(self.model):
             for k, query in enumerate(queries):
                 started = time.perf_counter()
@@ -507,10 +520,14 @@ class TRAKAttributor(Attributor):
                     batch_size=self.batch_size,
                     method=self.gradient_method,
                 )
-                rows.append(self.projection.project({n: v[None] for n, v in means.items()})[0])
+                pending.append(means)
                 norm = math.sqrt(sum(float(v.pow(2).sum()) for v in means.values()))
                 records.append({**record, "gradient_norm": norm, "gradient_s": time.perf_counter() - started})
-        return torch.stack(rows), records
+                if len(pending) >= self._ids_per_chunk():
+                    project_pending()
+            if pending:
+                project_pending()
+        return torch.cat(rows), records
 
     def score(self, queries: list[Query]) -> np.ndarray:
         started = time.perf_counter()
