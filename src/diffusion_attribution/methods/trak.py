@@ -193,8 +193,13 @@ class TRAKAttributor(Attributor):
         self.damping = float(damping)
         self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
         self.num_timesteps = int(num_timesteps)
-        self.captions = captions
-        self.flips = flips
+        # Plain values (Hydra passes lists as ListConfig), as ranking.json records them.
+        self.captions = captions if isinstance(captions, (int, str)) else [int(c) for c in captions]
+        self.flips = flips if isinstance(flips, str) else [bool(f) for f in flips]
+        if isinstance(self.captions, str) and self.captions != "all":
+            raise ValueError(f"method.captions={captions!r}: use all, a count, or a list of caption indices.")
+        if isinstance(self.flips, str) and self.flips != "auto":
+            raise ValueError(f"method.flips={flips!r}: use auto, [false] or [false, true].")
         self.batch_size = int(batch_size)
         self.shard_size = int(shard_size)
         self.buffer_mb = float(buffer_mb)
