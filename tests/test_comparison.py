@@ -129,7 +129,7 @@ def test_comparison_table_matches_hand_computed_values(
     p10 = np.array(EXPECTED["unlearning"])[:, 0]
     assert table[2] == (
         f"| unlearning | {p10.mean():.3f} ± {p10.std(ddof=1) / np.sqrt(3):.3f} | 1.000 ± 0.000 | "
-        "1.000 ± 0.000 | 100.0 | 7.50 | 12.5 |"
+        "1.000 ± 0.000 | 100 | 7.5 | 12.5 |"
     )
     assert table[4].startswith("| random |") and table[4].endswith("| n/a | n/a | n/a |")
 

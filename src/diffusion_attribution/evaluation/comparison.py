@@ -137,8 +137,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         metrics = [f"{row[key]:.3f} ± {row[f'{key}_sem']:.3f}" for key, _ in TABLE_METRICS]
         costs = [
-            _cell(row["prepare_s"], ".1f"),
-            _cell(row["s_per_query"], ".2f"),
+            _cell(row["prepare_s"], ".3g"),
+            _cell(row["s_per_query"], ".3g"),
             _cell(row["train_side_mb"], ".1f"),
         ]
         lines.append(f"| {row['method']} | " + " | ".join(metrics + costs) + " |")
