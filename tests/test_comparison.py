@@ -161,6 +161,16 @@ def test_runs_on_other_queries_or_models_are_refused(three_runs, shapes_cache: P
     other_model = write_run(tmp_path / "model", "dtrak", [[]] * 4, {"model": "/other"})
     with pytest.raises(QueryMismatchError, match=r"attributed the model /other but \S+ the model /ckpt"):
         compare([three_runs[0], other_model], tmp_path / "e3", shapes_cache)
+    real = tmp_path / "checkpoint"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    spelled = [
+        write_run(tmp_path / f"spelled{k}", "dtrak", [[]] * 4, {"model": str(m)})
+        for k, m in enumerate([real, tmp_path / "link"])
+    ]
+    assert (
+        compare(spelled, tmp_path / "e5", shapes_cache)["num_queries"] == 3
+    )  # one checkpoint, two spellings
     fewer = tmp_path / "fewer"
     write_run(fewer, "dtrak", [[]] * 4)
     ranking = json.loads((fewer / "ranking.json").read_text())

@@ -44,6 +44,11 @@ def query_key(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in RUN_SPECIFIC_QUERY_KEYS}
 
 
+def same_model(a: str, b: str) -> bool:
+    """The same checkpoint, however it was spelled (a symlink, a relative path)."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
 def check_same_queries(results: list[RetrievalResult], dirs: list[str]) -> None:
     """Every run attributed the same queries with the same model (else the rows measure different
     things); the error names the first difference."""
@@ -51,7 +56,7 @@ def check_same_queries(results: list[RetrievalResult], dirs: list[str]) -> None:
     model = results[0].ranking.get("model")
     for result, run in zip(results[1:], dirs[1:], strict=True):
         other_model = result.ranking.get("model")
-        if model and other_model and str(model) != str(other_model):
+        if model and other_model and not same_model(str(model), str(other_model)):
             raise QueryMismatchError(
                 f"{run} attributed the model {other_model} but {dirs[0]} the model {model}: compare runs "
                 "of the same model (their generated queries differ otherwise)."
