@@ -1,8 +1,8 @@
 """The small sweep behind the tiny-model defaults of method=trak|dtrak|journeytrak.
 
     python benchmarks/trak_calibration.py <checkpoint> [--subsets kv attn] [--dims 1024 2048 4096 8192]
-        [--relative-dampings 1e-4 1e-3 1e-2 1e-1 1] [--generator-seed 1] [--seeds 100]
-        [--out DIR] [--threads 1]
+        [--relative-dampings 0.01 0.1 1 10 100 1000] [--generator-seed 1] [--seeds 100]
+        [--out DIR] [--gradients DIR] [--threads 1]
 
 Tuning queries, NOT the evaluation ones: one prompt per rare concept, its colour/shape/background
 drawn with --generator-seed (1; benchmarks/rare_concept_retrieval.py uses 0) and sampling seeds
@@ -18,7 +18,8 @@ unprojected, so that any timestep set is their mean:
 Further subsets (attn): 10 timesteps, unprojected x λ. λ is given relative to mean diag(ΦᵀΦ) =
 Σ‖φ‖²/k, so that it means the same for every k; the table also shows the absolute λ (method.damping).
 Methods: trak (loss / loss), dtrak (output norm / output norm), journeytrak (loss / the query's
-trajectory at t = 400). Writes calibration.json and calibration.md under --out.
+trajectory at t = 400). Writes calibration.json and calibration.md under --out. --gradients keeps the
+unprojected gradients (.npy, ~3 GB for kv) so that a rerun with other λ or k skips the backward passes.
 """
 
 from __future__ import annotations
@@ -119,6 +120,26 @@ def query_gradients(model, params, queries, kind: str) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
+def cached(folder: Path | None, name: str, identity: dict, compute) -> torch.Tensor:
+    """compute(), kept as folder/name.npy when a folder is given (refused if made for other inputs)."""
+    if folder is None:
+        return compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = folder / "identity.json"
+    if meta.is_file() and json.loads(meta.read_text()) != identity:
+        raise SystemExit(
+            f"{folder} holds gradients of another checkpoint or queries: give another --gradients."
+        )
+    meta.write_text(json.dumps(identity))
+    path = folder / f"{name}.npy"
+    if path.is_file():
+        print(f"  {name}: loaded from {path}", flush=True)
+        return torch.from_numpy(np.load(path))
+    value = compute()
+    np.save(path, value.numpy())
+    return value
+
+
 def unprojected_scores(phi: torch.Tensor, q: torch.Tensor, train_ids: np.ndarray, relatives: list[float]):
     """{relative λ: (scores [Q, N], absolute λ)} for φ(q)ᵀ(TᵀT + λI)⁻¹Φᵀ, T = Φ's training rows,
     via (TᵀT + λI)⁻¹q = (q − Tᵀ(TTᵀ + λI)⁻¹Tq)/λ with one N x N Gram for every λ."""
@@ -154,7 +175,10 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--subsets", nargs="+", default=["kv", "attn"])
     parser.add_argument("--dims", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--relative-dampings", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    parser.add_argument(
+        "--relative-dampings", nargs="+", type=float, default=[0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
+    )
+    parser.add_argument("--gradients", type=Path, default=None, help="folder to keep/reuse the gradients in")
     parser.add_argument("--generator-seed", type=int, default=1)
     parser.add_argument("--seeds", nargs="+", type=int, default=[100])
     parser.add_argument("--out", type=Path, default=None)
@@ -181,6 +205,7 @@ def main() -> None:
     relevant = [index[next(c for c in concepts if f" {c} " in f" {p} ")] for p in prompts]
     train_ids = np.asarray(data.train_ids)
     results: list[dict] = []
+    identity = {"checkpoint": str(checkpoint), "prompts": prompts, "seeds": seeds, "timesteps": TIMESTEPS}
 
     def record(stage: str, method: str, subset: str, tset: str, dim: int, scored: dict) -> None:
         for relative, (scores, damping) in scored.items():
@@ -208,21 +233,29 @@ def main() -> None:
         per_step = n == 0  # per-timestep gradients (for the timestep sets) for the first subset only
         steps = TIMESTEPS if per_step else None
         started = time.perf_counter()
-        if per_step:
-            train = {o: train_gradients(model, data, params, o, TIMESTEPS) for o in ("loss", "output_norm")}
-        else:  # the 10-timestep mean directly (memory: one [N, d] per output)
-            train = {}
-            for o in ("loss", "output_norm"):
-                rows = []
-                with evaluation_mode(model):
-                    for begin in range(0, data.num_examples, 64):
-                        ids = list(range(begin, min(begin + 64, data.num_examples)))
-                        grads = training_gradient_means(
-                            model, data.full_dataset(), ids, params, o, TIMESTEPS, [0], [False], seed=0
-                        )
-                        rows.append(flat(grads, list(params), len(ids)).float())
-                        print(f"  {o}: {begin + len(ids)}/{data.num_examples}", flush=True)
-                train[o] = torch.cat(rows)[None]
+
+        def mean_gradients(output: str, params=params) -> torch.Tensor:
+            """[1, N, d]: the 10-timestep mean directly (memory: one [N, d] per output)."""
+            rows = []
+            with evaluation_mode(model):
+                for begin in range(0, data.num_examples, 64):
+                    ids = list(range(begin, min(begin + 64, data.num_examples)))
+                    grads = training_gradient_means(
+                        model, data.full_dataset(), ids, params, output, TIMESTEPS, [0], [False], seed=0
+                    )
+                    rows.append(flat(grads, list(params), len(ids)).float())
+                    print(f"  {output}: {begin + len(ids)}/{data.num_examples}", flush=True)
+            return torch.cat(rows)[None]
+
+        train = {}
+        for o in ("loss", "output_norm"):
+            if per_step:
+                compute = lambda o=o, params=params: train_gradients(model, data, params, o, TIMESTEPS)  # noqa: E731
+            else:
+                compute = lambda o=o: mean_gradients(o)  # noqa: E731
+            train[o] = cached(
+                args.gradients, f"{subset}_train_{o}{'_per_step' if per_step else ''}", identity, compute
+            )
         print(f"{subset}: train gradients in {time.perf_counter() - started:.0f} s", flush=True)
         query = {
             kind: query_gradients(model, params, queries, kind)
