@@ -1,0 +1,262 @@
+"""The embedded AbC benchmark in one command: build it, attribute every concept's queries with every
+method, evaluate, print the table.
+
+    python benchmarks/abc_embedded.py <base checkpoint> [--methods unlearning dtrak pixel random]
+        [--out DIR] [--threads 1] [--objects star ...] [--styles sepia ...] [--queries-per-concept 4]
+        [-- attribute.py overrides for every method, e.g. method.batch_size=128]
+
+1. `build_abc_embedded` (data/abc_embedded.py): exemplars, one Custom Diffusion model per concept and
+   its queries, cached under --cache-dir keyed by the base model's weights and the settings.
+2. Per method and concept: `attribute.py experiment=abc_embedded method=<m> data.concept=<c> ...`
+   (conf/method_preset/abc_embedded/<m>.yaml holds the tiny-model settings) into <out>/<m>/<c>; a run
+   that already wrote ranking.json is kept (rerun the command to resume). A method without a config
+   in conf/method/ is reported and skipped.
+3. `evaluate.py benchmark=abc scores=[...]` into <out>/eval: Recall@5/10/100 and mAP per concept,
+   per concept type and method; abc.md, abc_*.csv and the abc.png scatter.
+
+    python benchmarks/abc_embedded.py <base checkpoint> --calibrate star sepia [--grid ...]
+
+Calibration of the unlearning settings on a couple of concepts, with calibration queries (their own
+prompts and seeds, never the evaluation queries), in process on a subset of the pool (the exemplars
+plus --calibration-distractors random base images) so a grid point costs minutes: prints AP and
+Recall@10 of the exemplars per (steps, step size, N) for the chosen concepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from diffusion_attribution.data.abc_embedded import (  # noqa: E402
+    OBJECT_CONCEPTS,
+    STYLE_CONCEPTS,
+    AbcEmbeddedSettings,
+    build_abc_embedded,
+)
+
+DEFAULT_METHODS = ["unlearning", "dtrak", "pixel", "random"]
+
+
+def run(args: list[str], threads: int, log_file: Path) -> float:
+    started = time.perf_counter()
+    print("$", " ".join(args), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(log_file, "w") as handle:
+        result = subprocess.run(
+            [sys.executable, *args], cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT
+        )
+    if result.returncode != 0:
+        tail = log_file.read_text().splitlines()[-25:]
+        raise SystemExit(f"Failed ({result.returncode}): {' '.join(args)}\n" + "\n".join(tail))
+    return time.perf_counter() - started
+
+
+def attribute(root: Path, concept: str, method: str, out: Path, overrides: list[str], threads: int) -> dict:
+    run_dir = out / method / concept
+    if (run_dir / "ranking.json").is_file():
+        print(f"kept {run_dir} (already done)", flush=True)
+        return {"wall_s": None}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    wall = run(
+        [
+            "attribute.py",
+            "experiment=abc_embedded",
+            f"method={method}",
+            f"data.root={root}",
+            f"data.concept={concept}",
+            f"model.path={root / concept / 'model'}",
+            f"query.file={root / concept / 'queries.jsonl'}",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+        ],
+        threads,
+        out / "logs" / f"attribute_{method}_{concept}.log",
+    )
+    return {"wall_s": wall}
+
+
+def evaluate(run_dirs: list[Path], out: Path, threads: int) -> Path:
+    eval_dir = out / "eval"
+    if eval_dir.exists():
+        eval_dir = out / f"eval_{time.strftime('%Y%m%d_%H%M%S')}"
+    run(
+        [
+            "evaluate.py",
+            "benchmark=abc",
+            f"scores=[{','.join(str(d) for d in run_dirs)}]",
+            f"hydra.run.dir={eval_dir}",
+        ],
+        threads,
+        out / "logs" / "evaluate.log",
+    )
+    return eval_dir
+
+
+def settings_from(args: argparse.Namespace) -> AbcEmbeddedSettings:
+    return AbcEmbeddedSettings(
+        objects=tuple(args.objects),
+        styles=tuple(args.styles),
+        exemplars_per_concept=args.exemplars,
+        queries_per_concept=args.queries_per_concept,
+        steps=args.customization_steps,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", type=Path, help="the base model (trained on data=shapes)")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument("--objects", nargs="*", default=list(OBJECT_CONCEPTS))
+    parser.add_argument("--styles", nargs="*", default=list(STYLE_CONCEPTS))
+    parser.add_argument("--exemplars", type=int, default=AbcEmbeddedSettings.exemplars_per_concept)
+    parser.add_argument("--queries-per-concept", type=int, default=AbcEmbeddedSettings.queries_per_concept)
+    parser.add_argument("--customization-steps", type=int, default=AbcEmbeddedSettings.steps)
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "abc_embedded")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calibrate", nargs="*", default=None, help="concepts to calibrate unlearning on")
+    parser.add_argument("--calibration-distractors", type=int, default=300)
+    parser.add_argument("--calibration-queries", type=int, default=2)
+    parser.add_argument(
+        "--grid",
+        nargs="*",
+        default=["1,0.0003,10", "1,0.001,10", "1,0.003,10", "3,0.001,10", "1,0.001,5"],
+        help="unlearning settings 'steps,step_size,num_timesteps' with N = the pool size (the update "
+        "depends on step_size / N only, so N is not a separate axis)",
+    )
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    overrides = argv[split + 1 :]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    settings = settings_from(args)
+    started = time.perf_counter()
+    root = build_abc_embedded(args.checkpoint, args.cache_dir, settings)
+    build_s = time.perf_counter() - started
+    print(f"Benchmark built/found in {build_s:.0f} s: {root}", flush=True)
+    if args.calibrate is not None:
+        calibrate(root, args, settings)
+        return
+
+    out = (args.out or ROOT / "outputs" / "abc_embedded" / root.name).resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    timings: dict[str, dict[str, float | None]] = {}
+    run_dirs = []
+    for method in args.methods:
+        if not (ROOT / "conf" / "method" / f"{method}.yaml").is_file():
+            print(f"method={method}: no conf/method/{method}.yaml in this checkout; skipped.", flush=True)
+            continue
+        for concept in settings.concepts:
+            timing = attribute(root, concept, method, out, overrides, args.threads)
+            timings.setdefault(method, {})[concept] = timing["wall_s"]
+            run_dirs.append(out / method / concept)
+    eval_dir = evaluate(run_dirs, out, args.threads)
+    (out / "timings.json").write_text(json.dumps({"build_s": build_s, "attribute_wall_s": timings}, indent=2))
+    print((eval_dir / "abc.md").read_text())
+    for method, per_concept in timings.items():
+        walls = [w for w in per_concept.values() if w is not None]
+        if walls:
+            print(
+                f"{method}: {sum(walls) / 60:.1f} min of attribute.py for {len(walls)} concepts", flush=True
+            )
+    print(f"\nBenchmark: {root}\nRuns: {out}\nTable: {eval_dir / 'abc.md'}\nPlot: {eval_dir / 'abc.png'}")
+
+
+# ------------------------------------------------------------------------------------------ calibration
+def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSettings) -> None:
+    """Unlearning settings on calibration queries of a few concepts, scored on a subset of the pool."""
+    import numpy as np
+
+    from diffusion_attribution.data.abc_embedded import AbcEmbeddedDataModule, query_prompts
+    from diffusion_attribution.evaluation.retrieval import retrieval_metrics
+    from diffusion_attribution.methods.weight_subsets import select_parameters
+    from diffusion_attribution.models.pipeline import TextToImageModel
+    from diffusion_attribution.models.sampling import generate
+    from diffusion_attribution.modules.fisher import compute_fisher
+    from diffusion_attribution.modules.loss_sweep import per_sample_losses, unlearning_scores
+    from diffusion_attribution.modules.unlearning import preserved_parameters, unlearn
+
+    grid = [(int(s), float(a), int(t)) for s, a, t in (point.split(",") for point in args.grid)]
+    results = []
+    for concept in args.calibrate:
+        model = TextToImageModel.from_pretrained(root / concept / "model").eval()
+        datamodule = AbcEmbeddedDataModule(str(root), concept, resolution=model.image_resolution)
+        dataset = datamodule.full_dataset()
+        exemplars = datamodule.exemplar_ids
+        rng = np.random.default_rng(0)
+        others = sorted(rng.choice(exemplars[0], args.calibration_distractors, replace=False).tolist())
+        ids = others + exemplars
+        started = time.perf_counter()
+        # The Fisher over the whole pool, as attribute.py computes it.
+        fisher = compute_fisher(model, datamodule.dataset, subset="kv", batch_size=64, progress=False)
+        fisher_s = time.perf_counter() - started
+        num_t = int(model.scheduler.config.num_train_timesteps)
+        grids = {t: list(range(0, num_t, num_t // t))[:t] for t in sorted({t for *_, t in grid})}
+        before = {
+            t: per_sample_losses(model, dataset, ids, steps_t, [0], [False], batch_size=64)
+            for t, steps_t in grids.items()
+        }
+        # Calibration queries: their own seed stream (settings.seed + 1), never the evaluation queries.
+        prompts = query_prompts(concept, args.calibration_queries, settings.seed + 1)
+        samples = generate(model, [p for p, _ in prompts], [s for _, s in prompts], **settings.sampler)
+        selected = select_parameters(model.unet, "kv")
+        target = [np.arange(len(others), len(ids))]
+        num_train = float(datamodule.num_examples)
+        for steps, step_size, num_t in grid:
+            point_started = time.perf_counter()
+            aps, recalls, increases = [], [], []
+            for q, (prompt, _) in enumerate(prompts):
+                with preserved_parameters(selected):
+                    record = unlearn(
+                        model,
+                        samples.latents[q : q + 1],
+                        prompt,
+                        fisher,
+                        selected,
+                        steps=steps,
+                        step_size=step_size,
+                        num_samples=64 if steps > 1 else 256,
+                        num_train=num_train,
+                        seed=0,
+                    )
+                    after = per_sample_losses(model, dataset, ids, grids[num_t], [0], [False], batch_size=64)
+                scores = unlearning_scores(before[num_t], after).numpy()[None]
+                (row,) = retrieval_metrics(scores, target, precision_at=(), recall_at=(10,))
+                aps.append(row["ap"])
+                recalls.append(row["recall@10"])
+                increases.append(record.loss_after - record.loss_before)
+            line = {
+                "concept": concept,
+                "steps": steps,
+                "step_size": step_size,
+                "num_train": num_train,
+                "num_timesteps": num_t,
+                "ap": float(np.mean(aps)),
+                "recall@10": float(np.mean(recalls)),
+                "query_loss_increase": float(np.mean(increases)),
+                "fisher_s": fisher_s,
+                "seconds_per_query": (time.perf_counter() - point_started) / len(prompts),
+            }
+            results.append(line)
+            print(json.dumps(line), flush=True)
+    out = ROOT / "outputs" / "abc_embedded_calibration" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(json.dumps(results, indent=2))
+    print(f"Wrote {out / 'calibration.json'}")
+
+
+if __name__ == "__main__":
+    main()
