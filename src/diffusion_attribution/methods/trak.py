@@ -148,7 +148,7 @@ class TRAKAttributor(Attributor):
         projection: str = "gaussian",
         projection_device: str = "cpu",
         block_rows: int = 1024,
-        damping: float = 1.0,
+        damping: float = 0.005,
         timesteps: Sequence[int] | None = None,
         num_timesteps: int = 10,
         captions: Sequence[int] | int | str = 1,
@@ -445,14 +445,17 @@ class TRAKAttributor(Attributor):
             self.factor = gram_factor(self._train_rows(), self.projection_dim, self.damping)
         else:
             self.factor = example_gram_factor(self.train_features, self.damping)
-        # For choosing λ: diag(ΦᵀΦ) has mean Σ‖φ‖²/k, both forms give the same scores.
+        # For choosing λ: the mean non-zero eigenvalue of ΦᵀΦ, Σ‖φ‖²/min(N, k), which (unlike
+        # mean diag(ΦᵀΦ) = Σ‖φ‖²/k) does not depend on k; README: λ of a few times it worked best.
         squared = sum(float(rows.double().pow(2).sum()) for rows in self._train_rows())
+        mean_eigenvalue = squared / min(len(self.train_ids), self.projection_dim)
         log.info(
-            "Kernel over %d training examples (%s form): mean diag(ΦᵀΦ) = %.3g, damping λ = %.3g",
+            "Kernel over %d training examples (%s form): mean eigenvalue of ΦᵀΦ %.3g, damping λ = %.3g (%.3g x)",
             len(self.train_ids),
             self.kernel_form,
-            squared / self.projection_dim,
+            mean_eigenvalue,
             self.damping,
+            self.damping / mean_eigenvalue if mean_eigenvalue > 0 else float("inf"),
         )
         atomic_save_tensors(path, {"factor": self.factor})
 
