@@ -90,3 +90,56 @@ def test_lds_plans_one_retrain_per_subset_for_all_methods(shapes_cache: Path, tm
     assert summary["jobs"] == 5 and summary["requests"] == 5  # shared by methods a and b
     assert summary["estimated_hours"] == pytest.approx(5 * 4 * 0.1 / 3600)
     assert "k48-" in (out / "plan.md").read_text()  # each subset model trains without half of 96
+
+
+def test_lds_end_to_end_on_subset_retrains(shapes_cache: Path, tmp_path: Path) -> None:
+    """Two methods over 3 subset retrains of a 4-step keyed recipe: one LDS per method and query,
+    the subset losses are the retrained models' fixed-noise losses."""
+    from diffusion_attribution.data.queries import build_queries
+    from diffusion_attribution.jobs.train import run_training
+    from diffusion_attribution.models.pipeline import TextToImageModel
+
+    recipe = [
+        *FAST_TRAIN,
+        f"data.cache_dir={shapes_cache}",
+        "model.resolution=16",
+        "samples.every_n_steps=0",
+        "+training.example_keyed_rng=true",
+    ]
+    try:
+        base = run_training(compose_job("train", recipe, tmp_path / "base"), tmp_path / "base")
+    finally:
+        HydraConfig.instance().cfg = None
+    model = TextToImageModel.from_pretrained(base).eval()
+    sampler = {"num_steps": 3, "guidance_scale": 3.0, "sampler": "ddim"}
+    prompts = {
+        "prompts": ["a dotted red circle on a black background", "a split blue cross on a gray background"]
+    }
+    runs = []
+    for method, sign in (("a", 1.0), ("b", -1.0)):
+        folder = tmp_path / method
+        queries = build_queries(OmegaConf.create({**prompts, "seeds": [0, 1]}), model, folder, **sampler)
+        scores = sign * np.arange(2 * 96, dtype=np.float32).reshape(2, 96)
+        np.save(folder / "scores.npy", scores)
+        ranking = {"method": method, "model": str(base), "queries": [q.record() for q in queries]}
+        (folder / "ranking.json").write_text(json.dumps(ranking))
+        runs.append(folder)
+    out = tmp_path / "eval"
+    overrides = [
+        "benchmark=lds",
+        f"scores=[{runs[0]},{runs[1]}]",
+        "benchmark.num_subsets=3",
+        f"benchmark.retrain_dir={tmp_path / 'retrains'}",
+        "benchmark.timestep_stride=100",
+    ]
+    try:
+        result = run_benchmark(compose_job("evaluate", overrides, out), out)
+    finally:
+        HydraConfig.instance().cfg = None
+    # Opposite scores give opposite correlations over the same measured losses.
+    a, b = result["lds"]["a"]["mean"], result["lds"]["b"]["mean"]
+    assert a == pytest.approx(-b) and result["lds"]["a"]["n"] == 2
+    losses = (out / "subset_losses.csv").read_text().splitlines()
+    assert len(losses) == 1 + 3 and losses[1].startswith("0,k48-")
+    assert len(list((tmp_path / "retrains").glob("*/*/retrain.json"))) == 3
+    assert (out / "lds.png").stat().st_size > 0 and "| a |" in (out / "lds.md").read_text()
