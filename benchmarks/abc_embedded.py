@@ -132,8 +132,8 @@ def main() -> None:
         "--grid",
         nargs="*",
         default=["1,0.0003,10", "1,0.001,10", "1,0.003,10", "3,0.001,10", "1,0.001,5"],
-        help="unlearning settings 'steps,step_size,num_timesteps' with N = the pool size (the update "
-        "depends on step_size / N only, so N is not a separate axis)",
+        help="unlearning settings 'steps,step_size,num_timesteps[,damping]' with N = the pool size (the "
+        "update depends on step_size / N only, so N is not a separate axis); damping defaults to 0.1",
     )
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -189,7 +189,10 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
     from diffusion_attribution.modules.loss_sweep import per_sample_losses, unlearning_scores
     from diffusion_attribution.modules.unlearning import preserved_parameters, unlearn
 
-    grid = [(int(s), float(a), int(t)) for s, a, t in (point.split(",") for point in args.grid)]
+    grid = []
+    for point in args.grid:
+        steps, alpha, num_t, *rest = point.split(",")
+        grid.append((int(steps), float(alpha), int(num_t), float(rest[0]) if rest else 0.1))
     results = []
     for concept in args.calibrate:
         model = TextToImageModel.from_pretrained(root / concept / "model").eval()
@@ -204,7 +207,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
         fisher = compute_fisher(model, datamodule.dataset, subset="kv", batch_size=64, progress=False)
         fisher_s = time.perf_counter() - started
         num_t = int(model.scheduler.config.num_train_timesteps)
-        grids = {t: list(range(0, num_t, num_t // t))[:t] for t in sorted({t for *_, t in grid})}
+        grids = {t: list(range(0, num_t, num_t // t))[:t] for t in sorted({g[2] for g in grid})}
         before = {
             t: per_sample_losses(model, dataset, ids, steps_t, [0], [False], batch_size=64)
             for t, steps_t in grids.items()
@@ -215,7 +218,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
         selected = select_parameters(model.unet, "kv")
         target = [np.arange(len(others), len(ids))]
         num_train = float(datamodule.num_examples)
-        for steps, step_size, num_t in grid:
+        for steps, step_size, num_t, damping in grid:
             point_started = time.perf_counter()
             aps, recalls, increases = [], [], []
             for q, (prompt, _) in enumerate(prompts):
@@ -230,6 +233,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                         step_size=step_size,
                         num_samples=64 if steps > 1 else 256,
                         num_train=num_train,
+                        damping=damping,
                         seed=0,
                     )
                     after = per_sample_losses(model, dataset, ids, grids[num_t], [0], [False], batch_size=64)
@@ -244,6 +248,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                 "step_size": step_size,
                 "num_train": num_train,
                 "num_timesteps": num_t,
+                "damping": damping,
                 "ap": float(np.mean(aps)),
                 "recall@10": float(np.mean(recalls)),
                 "query_loss_increase": float(np.mean(increases)),

@@ -213,7 +213,7 @@ def scatter_plot(summary: list[dict], x: str, y: str, path: Path) -> Path:
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.set_title("AbC: exemplar retrieval by method (mean ± s.e. over concepts)")
+    ax.set_title("AbC exemplar retrieval (mean ± s.e. over concepts)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
