@@ -1,16 +1,32 @@
-"""Unlearning step-size / damping calibration on a subset (80 rare-concept images + 200 others):
-    python benchmarks/unlearning_calibration.py <checkpoint folder>
-Prints, per rare-concept query generated from the model, the query's loss before/after unlearning
-and the AP of the concept's training images within the subset, for several (step size, damping)."""
+"""Unlearning settings calibrated on TUNING queries, never on the evaluation queries.
 
-import sys
+    python benchmarks/unlearning_calibration.py <checkpoint> [--settings '<json list>'] [--others 200]
+        [--timesteps 0 200 400 600 800] [--first-seed 100] [--threads 1]
+
+The evaluation queries of benchmarks/rare_concept_retrieval.py use sampling seeds from 0; this script
+draws its own from --first-seed on (100 by default), one query per rare concept: the first seed whose
+image the attribute reader reads as the asked-for concept. Scoring uses a subset of the training set
+(every rare-concept image plus --others plain ones, so a sweep takes seconds, not minutes), the before
+sweep and the Fisher once, then for every setting (a dict of `unlearn` arguments over the defaults of
+conf/method/unlearning.yaml) unlearns each query, sweeps the subset again and prints the AP of the
+concept's images within the subset, the query's loss rise and the mean loss change of the rest.
+APs within a subset are higher than over the whole training set; compare settings, not numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from torchmetrics.functional.retrieval import retrieval_average_precision as ap
+from omegaconf import OmegaConf
+from torchmetrics.functional.retrieval import retrieval_average_precision
 
-from diffusion_attribution.data.shapes import ShapesDataModule, prompt_for
+from diffusion_attribution.data.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapesDataModule, prompt_for
+from diffusion_attribution.evaluation.attribute_reader import load_or_train_reader
 from diffusion_attribution.methods.weight_subsets import select_parameters
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.sampling import generate
@@ -18,49 +34,104 @@ from diffusion_attribution.modules.fisher import compute_fisher
 from diffusion_attribution.modules.loss_sweep import per_sample_losses, unlearning_scores
 from diffusion_attribution.modules.unlearning import preserved_parameters, unlearn
 
-m = TextToImageModel.from_pretrained(sys.argv[1]).eval()
-dm = ShapesDataModule()
-ds = dm.full_dataset()
-src = dm.source
-t0 = time.time()
-sel = select_parameters(m.unet, "kv")
-F = compute_fisher(m, dm.dataset, subset="kv", batch_size=64, progress=False)
-print("fisher", time.time() - t0, F.mean())
-concept = {i: src.metadata(i).get("concept") for i in range(len(src))}
-rare = [i for i in concept if concept[i]]
-rng = np.random.default_rng(0)
-others = rng.choice([i for i in concept if not concept[i]], 200, replace=False).tolist()
-ids = rare + others
-ts = [0, 200, 400, 600, 800]
-before = per_sample_losses(m, ds, ids, ts, [0], [False], batch_size=64)
-queries = [("striped", "red", "square", "gray"), ("checkered", "blue", "circle", "white")]
-prompts = [prompt_for(c, s, b, k) for k, c, s, b in queries]
-gen = generate(m, prompts, [0, 1], 30, 3.0)
-for q, (k, *_) in enumerate(queries):
-    for alpha, damp in [(1e-2, 0.1), (1e-3, 0.1), (1e-4, 0.1), (1e-2, 10.0), (1e-3, 10.0)]:
-        with preserved_parameters(sel):
-            rec = unlearn(
-                m,
-                gen.latents[q : q + 1],
-                prompts[q],
-                F,
-                sel,
-                steps=1,
-                step_size=alpha,
-                num_samples=128,
-                damping=damp,
-            )
-            after = per_sample_losses(m, ds, ids, ts, [0], [False], batch_size=64)
-        sc = unlearning_scores(before, after)
-        target = torch.tensor([concept[i] == k for i in ids])
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SETTINGS = [
+    {},
+    {"damping": 0.01},
+    {"damping": 1.0},
+    {"step_size": 0.01},
+    {"steps": 4},
+    {"num_samples": 1024},
+]
+UNLEARN_KEYS = ("params", "update", "steps", "step_size", "num_samples", "num_train", "damping")
+
+
+def drawn_queries(
+    model: TextToImageModel, concepts: list[str], reader, first_seed: int, tries: int = 24
+) -> list[tuple[str, str, int]]:
+    """(concept, prompt, seed): per concept, the first seed from `first_seed` whose image shows it."""
+    rng = np.random.default_rng(first_seed)
+    chosen = []
+    for concept in concepts:
+        colour, shape, background = (str(rng.choice(list(v))) for v in (COLOURS, SHAPES, BACKGROUNDS))
+        prompt = prompt_for(colour, shape, background, concept)
+        seeds = list(range(first_seed, first_seed + tries))
+        images = generate(model, [prompt] * tries, seeds, num_steps=30, guidance_scale=3.0).images
+        seen = [read["concept"] for read in reader.read(images)]
+        if concept in seen:
+            chosen.append((concept, prompt, seeds[seen.index(concept)]))
+        else:
+            print(f"{concept}: not drawn in {tries} seeds; skipped", flush=True)
+    return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--settings", type=json.loads, default=DEFAULT_SETTINGS)
+    parser.add_argument("--others", type=int, default=200)
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[0, 200, 400, 600, 800])
+    parser.add_argument("--first-seed", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    trained = OmegaConf.load(args.checkpoint / "training_config.yaml").data
+    data = ShapesDataModule(
+        **{k: v for k, v in OmegaConf.to_container(trained, resolve=True).items() if k != "_target_"}
+    )
+    defaults = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / "unlearning.yaml"))
+    defaults = {k: v for k, v in defaults.items() if k in UNLEARN_KEYS}
+    model = TextToImageModel.from_pretrained(args.checkpoint).eval()
+    source, dataset = data.source, data.full_dataset()
+    concept_of = {i: source.metadata(i).get("concept") for i in range(len(source))}
+    reader, _ = load_or_train_reader(data.world, ROOT / ".cache" / "data")
+    queries = drawn_queries(model, list(data.world.rare_concepts), reader, args.first_seed)
+    generated = generate(model, [p for _, p, _ in queries], [s for *_, s in queries], 30, 3.0)
+    print("tuning queries:", [(p, s) for _, p, s in queries], flush=True)
+
+    rare = [i for i, c in concept_of.items() if c]
+    plain = [i for i, c in concept_of.items() if not c]
+    ids = rare + np.random.default_rng(0).choice(plain, args.others, replace=False).tolist()
+    started = time.perf_counter()
+    before = per_sample_losses(model, dataset, ids, args.timesteps, [0], [False], batch_size=64)
+    print(f"before-sweep of {len(ids)} images: {time.perf_counter() - started:.0f} s", flush=True)
+    fishers = {}
+
+    print("| setting | mAP (subset) | per-query AP | query loss rise | mean Δloss rest | s/query |")
+    print("|---|---|---|---|---|---|")
+    for setting in args.settings:
+        cfg = {**defaults, **setting}
+        if cfg["params"] not in fishers:
+            fishers[cfg["params"]] = compute_fisher(model, data.dataset, subset=cfg["params"], batch_size=64)
+        selected = select_parameters(model.unet, cfg["params"])
+        aps, rises, rest = [], [], []
+        started = time.perf_counter()
+        for q, (concept, prompt, _) in enumerate(queries):
+            with preserved_parameters(selected):
+                record = unlearn(
+                    model,
+                    generated.latents[q : q + 1],
+                    prompt,
+                    fishers[cfg["params"]],
+                    selected,
+                    **{k: v for k, v in cfg.items() if k != "params"},
+                )
+                after = per_sample_losses(model, dataset, ids, args.timesteps, [0], [False], batch_size=64)
+            scores = unlearning_scores(before, after)
+            target = torch.tensor([concept_of[i] == concept for i in ids])
+            aps.append(float(retrieval_average_precision(scores.double(), target)))
+            rises.append(record.loss_after / record.loss_before - 1)
+            rest.append(float(scores[~target].mean()))
+        seconds = (time.perf_counter() - started) / len(queries)
         print(
-            k,
-            "step",
-            alpha,
-            "damping",
-            damp,
-            f"query loss {rec.loss_before:.4f}->{rec.loss_after:.4f}",
-            f"AP {ap(sc, target).item():.3f}",
-            f"mean dloss {sc.mean().item():.2e} top {sc.topk(10).values.mean().item():.2e}",
+            f"| {json.dumps(setting)} | {np.mean(aps):.3f} | {' '.join(f'{a:.2f}' for a in aps)} | "
+            f"{np.mean(rises):+.1%} | {np.mean(rest):.2e} | {seconds:.0f} |",
             flush=True,
         )
+
+
+if __name__ == "__main__":
+    main()
