@@ -45,6 +45,7 @@ from ..utils.fingerprint import hash_json
 from ..utils.images import titled_grid
 from ..utils.seeding import keyed_randn
 from .retraining import RetrainJob, RetrainPlan, random_exclusion
+from .retrieval import concept_index
 
 log = logging.getLogger(__name__)
 
@@ -147,17 +148,6 @@ class EvalQuery:
 
 def noise_key(identity: dict[str, Any]) -> int:
     return int(hash_json(identity), 16)
-
-
-def concept_members(datamodule: CaptionedImageDataModule) -> dict[str, np.ndarray]:
-    """concept word -> ids of the training images showing it (metadata `concept`, the embedded world)."""
-    source = datamodule.source
-    members: dict[str, list[int]] = {}
-    for idx in range(len(source)):
-        concept = source.metadata(idx).get("concept")
-        if concept:
-            members.setdefault(str(concept), []).append(idx)
-    return {c: np.asarray(ids, dtype=np.int64) for c, ids in members.items()}
 
 
 def query_concept(record: dict[str, Any], concepts: dict[str, np.ndarray]) -> str | None:
@@ -558,7 +548,7 @@ def evaluate_leave_k_out(
             f"The scores have {runs[0].scores.shape[1]} columns but the model's training data has "
             f"{datamodule.num_examples} examples."
         )
-    concepts = concept_members(datamodule)
+    concepts = concept_index(datamodule)
     queries = load_queries(runs[0], concepts)
     judges = ImageJudges(clip_path, datamodule, reader_cache_dir)
     loss_seed = int(cfg.get("seed", 0))
