@@ -598,7 +598,9 @@ def evaluate_leave_k_out(
             for name in ("delta_loss", "dg_mse", "dg_clip"):
                 kept.setdefault(name, []).append(metrics[name])
         retention_stats = {
-            f"retention_{name}": float(np.nanmean(v)) if v else math.nan for name, v in kept.items()
+            # dg_clip is NaN for every prompt without benchmark.clip_path: no mean-of-empty warning.
+            f"retention_{name}": float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+            for name, v in kept.items()
         }
         for entry in job_entries:
             targets = queries if entry["query"] is None else [queries[entry["query"]]]
