@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from project_commands import run_project_command as run  # noqa: E402
 
 from diffusion_attribution.data.abc_embedded import (  # noqa: E402
     OBJECT_CONCEPTS,
@@ -43,20 +44,6 @@ from diffusion_attribution.data.abc_embedded import (  # noqa: E402
 )
 
 DEFAULT_METHODS = ["unlearning", "dtrak", "pixel", "random"]
-
-
-def run(args: list[str], threads: int, log_file: Path) -> float:
-    started = time.perf_counter()
-    print("$", " ".join(args), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(log_file, "w") as handle:
-        result = subprocess.run(
-            [sys.executable, *args], cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT
-        )
-    if result.returncode != 0:
-        tail = log_file.read_text().splitlines()[-25:]
-        raise SystemExit(f"Failed ({result.returncode}): {' '.join(args)}\n" + "\n".join(tail))
-    return time.perf_counter() - started
 
 
 def attribute(root: Path, concept: str, method: str, out: Path, overrides: list[str], threads: int) -> dict:
@@ -79,7 +66,7 @@ def attribute(root: Path, concept: str, method: str, out: Path, overrides: list[
             f"hydra.run.dir={run_dir}",
         ],
         threads,
-        out / "logs" / f"attribute_{method}_{concept}.log",
+        log_file=out / "logs" / f"attribute_{method}_{concept}.log",
     )
     return {"wall_s": wall}
 
@@ -96,7 +83,7 @@ def evaluate(run_dirs: list[Path], out: Path, threads: int) -> Path:
             f"hydra.run.dir={eval_dir}",
         ],
         threads,
-        out / "logs" / "evaluate.log",
+        log_file=out / "logs" / "evaluate.log",
     )
     return eval_dir
 

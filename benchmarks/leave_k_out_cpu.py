@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,22 +29,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from project_commands import run_project_command as run  # noqa: E402
 
 from diffusion_attribution.data.shapes import prompt_for  # noqa: E402
 
 PRESET = "experiment=leave_k_out_cpu"
-
-
-def run(args: list[str], threads: int, done: Path | None = None) -> float:
-    """Run one project command (skipped when `done` exists: a rerun of this script resumes)."""
-    if done is not None and done.exists():
-        print(f"(reusing {done})", flush=True)
-        return 0.0
-    started = time.perf_counter()
-    print("$ python", " ".join(args), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, env=env)
-    return time.perf_counter() - started
 
 
 def pick_queries(checkpoint: Path, seeds_per_prompt: int, prompts_per_concept: int) -> list[dict]:
@@ -110,7 +99,9 @@ def main() -> None:
 
     if args.base is None:
         base = out / "base" / "checkpoint"
-        walls["train base"] = run(["train.py", PRESET, f"hydra.run.dir={out / 'base'}"], args.threads, base)
+        walls["train base"] = run(
+            ["train.py", PRESET, f"hydra.run.dir={out / 'base'}"], args.threads, done=base
+        )
     else:
         base = args.base.resolve()
     walls["fidelity"] = run(
@@ -122,7 +113,7 @@ def main() -> None:
             f"hydra.run.dir={out / 'fidelity'}",
         ],
         args.threads,
-        out / "fidelity" / "metrics.json",
+        done=out / "fidelity" / "metrics.json",
     )
     if (out / "queries.json").is_file():
         queries = json.loads((out / "queries.json").read_text())
@@ -146,7 +137,7 @@ def main() -> None:
                 f"hydra.run.dir={run_dir}",
             ],
             args.threads,
-            run_dir / "ranking.json",
+            done=run_dir / "ranking.json",
         )
         run(
             [
@@ -157,7 +148,7 @@ def main() -> None:
                 f"hydra.run.dir={run_dir}/retrieval",
             ],
             args.threads,
-            run_dir / "retrieval" / "metrics.json",
+            done=run_dir / "retrieval" / "metrics.json",
         )
         retrieval[method] = json.loads((run_dir / "retrieval" / "metrics.json").read_text())
         runs.append(str(run_dir))
@@ -169,7 +160,7 @@ def main() -> None:
         ["evaluate.py", PRESET, "benchmark=leave_k_out", f"scores=[{','.join(runs)}]", *options, *extra,
          f"hydra.run.dir={lko_dir}"],
         args.threads,
-        None if dry_run else lko_dir / "leave_k_out.md",
+        done=None if dry_run else lko_dir / "leave_k_out.md",
     )  # fmt: skip
     if dry_run:
         return

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,9 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from project_commands import run_project_command as run  # noqa: E402
 
 from diffusion_attribution.data.shapes import BACKGROUNDS, COLOURS, SHAPES, prompt_for  # noqa: E402
 from diffusion_attribution.jobs.attribute import LOADER_ONLY_DATA_KEYS  # noqa: E402
@@ -61,13 +63,6 @@ def concept_prompts(
             prompts.append(prompt_for(colour, shape, background, concept))
             prompt_seeds.append(int(seed))
     return prompts, prompt_seeds
-
-
-def run(args: list[str]) -> float:
-    started = time.perf_counter()
-    print("$", " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
-    return time.perf_counter() - started
 
 
 def main() -> None:
