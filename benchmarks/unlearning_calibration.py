@@ -48,18 +48,20 @@ UNLEARN_KEYS = ("params", "update", "steps", "step_size", "num_samples", "num_tr
 
 def drawn_queries(
     model: TextToImageModel, concepts: list[str], reader, first_seed: int, tries: int = 24
-) -> list[tuple[str, str, int]]:
-    """(concept, prompt, seed): per concept, the first seed from `first_seed` whose image shows it."""
+) -> list[tuple[str, str, int, torch.Tensor]]:
+    """(concept, prompt, seed, final latent): per concept, the first seed from `first_seed` whose image
+    shows it (the latent is kept so that the query is not generated a second time)."""
     rng = np.random.default_rng(first_seed)
     chosen = []
     for concept in concepts:
         colour, shape, background = (str(rng.choice(list(v))) for v in (COLOURS, SHAPES, BACKGROUNDS))
         prompt = prompt_for(colour, shape, background, concept)
         seeds = list(range(first_seed, first_seed + tries))
-        images = generate(model, [prompt] * tries, seeds, num_steps=30, guidance_scale=3.0).images
-        seen = [read["concept"] for read in reader.read(images)]
+        samples = generate(model, [prompt] * tries, seeds, num_steps=30, guidance_scale=3.0)
+        seen = [read["concept"] for read in reader.read(samples.images)]
         if concept in seen:
-            chosen.append((concept, prompt, seeds[seen.index(concept)]))
+            k = seen.index(concept)
+            chosen.append((concept, prompt, seeds[k], samples.latents[k : k + 1]))
         else:
             print(f"{concept}: not drawn in {tries} seeds; skipped", flush=True)
     return chosen
@@ -89,8 +91,7 @@ def main() -> None:
     concept_of = {i: source.metadata(i).get("concept") for i in range(len(source))}
     reader, _ = load_or_train_reader(data.world, ROOT / ".cache" / "data")
     queries = drawn_queries(model, list(data.world.rare_concepts), reader, args.first_seed)
-    generated = generate(model, [p for _, p, _ in queries], [s for *_, s in queries], 30, 3.0)
-    print("tuning queries:", [(p, s) for _, p, s in queries], flush=True)
+    print("tuning queries:", [(p, s) for _, p, s, _ in queries], flush=True)
 
     rare = [i for i, c in concept_of.items() if c]
     plain = [i for i, c in concept_of.items() if not c]
@@ -109,11 +110,11 @@ def main() -> None:
         selected = select_parameters(model.unet, cfg["params"])
         aps, rises, rest = [], [], []
         started = time.perf_counter()
-        for q, (concept, prompt, _) in enumerate(queries):
+        for concept, prompt, _, latent in queries:
             with preserved_parameters(selected):
                 record = unlearn(
                     model,
-                    generated.latents[q : q + 1],
+                    latent,
                     prompt,
                     fishers[cfg["params"]],
                     selected,

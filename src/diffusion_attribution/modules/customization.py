@@ -332,7 +332,6 @@ class CustomDiffusionModule(pl.LightningModule):
         self.base_fingerprint = model_fingerprint(model)
         self.tokens = [str(t) for t in tokens]
         self.token_ids = add_concept_tokens(model, self.tokens, initializer_words)
-        model.train()  # loaded models come in eval mode; no layer here behaves differently, but be explicit
         model.unet.requires_grad_(False)
         model.text_encoder.requires_grad_(False)
         if model.vae is not None:
