@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,13 @@ from diffusion_attribution.models.build import build_tiny_model
 from diffusion_attribution.modules import sharded_sweep
 from diffusion_attribution.modules.fisher import accumulate_fisher
 from diffusion_attribution.modules.loss_sweep import per_sample_losses
-from diffusion_attribution.modules.sharded_sweep import SweepConfig, run_fisher, run_loss_sweep, shard_path
+from diffusion_attribution.modules.sharded_sweep import (
+    SweepConfig,
+    SweepInterrupted,
+    run_fisher,
+    run_loss_sweep,
+    shard_path,
+)
 
 SINGLE = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 
@@ -131,6 +138,33 @@ def test_a_killed_sweep_resumes_with_the_missing_shards(
     calls = counting_losses(monkeypatch)
     assert torch.equal(sweep(world, out, shard_size=5), resumed)
     assert calls == []
+
+
+def test_sigterm_stops_the_sweep_between_shards_and_it_resumes(
+    world, reference, monkeypatch, tmp_path: Path
+) -> None:
+    """SLURM preemption or `kill`: the shard in progress is finished and written, no further one is
+    started, and the process exits (SystemExit) with a message saying how to resume."""
+    calls: list[int] = []
+
+    def terminated_during_second_shard(*args, **kwargs):
+        calls.append(len(kwargs.get("ids", args[2])))
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by Lightning's handler, not fatal
+        return per_sample_losses(*args, **kwargs)
+
+    monkeypatch.setattr(sharded_sweep, "per_sample_losses", terminated_during_second_shard)
+    out = tmp_path / "sweep"
+    with pytest.raises(SweepInterrupted, match=r"SIGTERM received: stopped before shard 2.*again to resume"):
+        sweep(world, out, shard_size=5)
+    assert isinstance(SweepInterrupted("x"), SystemExit)
+    assert calls == [5, 5]
+    assert [p.name for p in shard_files(out)] == ["shard_000000.safetensors", "shard_000001.safetensors"]
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # Lightning restored the handler
+
+    calls.clear()
+    monkeypatch.setattr(sharded_sweep, "per_sample_losses", per_sample_losses)
+    torch.testing.assert_close(sweep(world, out, shard_size=5), reference, atol=1e-6, rtol=0)
 
 
 def test_a_folder_of_another_run_is_refused(world, monkeypatch, tmp_path: Path) -> None:

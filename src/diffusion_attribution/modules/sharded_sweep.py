@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -66,6 +67,11 @@ class _ShardNumbers(torch.utils.data.Dataset):
         return self.shards[k]
 
 
+class SweepInterrupted(SIGTERMException):
+    """A sharded sweep stopped by SIGTERM between two shards (a SystemExit: the process ends with
+    status 1 and the message; rerunning resumes)."""
+
+
 class ShardedPredictModule(pl.LightningModule):
     """predict_step(shard numbers): compute each missing shard with `shard_fn` and write it."""
 
@@ -84,6 +90,13 @@ class ShardedPredictModule(pl.LightningModule):
             path = shard_path(self.out_dir, shard)
             if path.is_file():  # done by an earlier run, or by another process (sampler padding)
                 continue
+            # Lightning's predict loop records a SIGTERM (SLURM preemption, scancel, kill) but, unlike
+            # its fit loop, never acts on it; stop between shards so the written ones are kept.
+            if self.trainer.received_sigterm:
+                raise SweepInterrupted(
+                    f"SIGTERM received: stopped before shard {shard}; the finished shards are kept in "
+                    f"{self.out_dir}. Run the same command again to resume from them."
+                )
             ids = self.ids[shard * self.shard_size : (shard + 1) * self.shard_size]
             atomic_save_tensors(path, self.shard_fn(ids))
 
