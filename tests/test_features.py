@@ -189,6 +189,12 @@ def test_random_ranking_is_seeded(make_shapes, tmp_path: Path) -> None:
     assert not np.array_equal(scores, ranked(1))
     assert not np.array_equal(np.argsort(scores[0]), np.argsort(scores[1]))  # queries differ
     assert len(np.unique(scores[0])) == datamodule.num_examples  # no ties
+    # Keyed by the query, not its position: separate runs (one per AbC concept, say) do not all get
+    # the same permutation for their first query, and a query keeps its ranking in any position.
+    attributor = RandomAttributor()
+    attributor.prepare(CPU_MODEL, datamodule, context(tmp_path, 0))
+    assert np.array_equal(attributor.score(queries[::-1]), scores[::-1])
+    assert np.array_equal(attributor.score(queries[1:2])[0], scores[1])
 
 
 # --------------------------------------------------------------------------------- end to end

@@ -1,11 +1,14 @@
 """`method=random`: a seeded random ranking, the chance level every method must beat.
 
-Query k's scores are uniform draws from a generator keyed by (seed, k): the same seed gives the same
-table, and no two queries share a ranking. Nothing is prepared or stored.
+A query's scores are uniform draws from a generator keyed by (seed, the query itself: its caption and
+its image quantised to 8 bits): the same seed gives the same table, the same query gets the same
+ranking in any run or position, and different queries (also the first queries of separate runs, such
+as one run per AbC concept) get different rankings. Nothing is prepared or stored.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -16,6 +19,14 @@ from ..data.queries import Query
 from ..models.pipeline import TextToImageModel
 from ..utils.seeding import keyed_generator
 from .base import AttributionContext, Attributor
+
+
+def query_key(query: Query) -> int:
+    """A stable integer naming the query by its content (caption and 8-bit image)."""
+    pixels = ((query.image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    digest = hashlib.blake2b(query.caption.encode(), digest_size=8)
+    digest.update(pixels.contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 class RandomAttributor(Attributor):
@@ -29,8 +40,8 @@ class RandomAttributor(Attributor):
 
     def score(self, queries: list[Query]) -> np.ndarray:
         rows = [
-            torch.rand(self.num_examples, generator=keyed_generator(self.seed, k))
-            for k in range(len(queries))
+            torch.rand(self.num_examples, generator=keyed_generator(self.seed, query_key(query)))
+            for query in queries
         ]
         return torch.stack(rows).numpy().astype(np.float32)
 
