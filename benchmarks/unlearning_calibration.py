@@ -1,7 +1,7 @@
 """Unlearning settings calibrated on TUNING queries, never on the evaluation queries.
 
     python benchmarks/unlearning_calibration.py <checkpoint> [--settings '<json list>'] [--others 200]
-        [--timesteps 0 200 400 600 800] [--first-seed 100] [--threads 1]
+        [--timesteps 0 200 400 600 800] [--first-seed 100] [--threads 1] [--show-top 20]
 
 The evaluation queries of benchmarks/rare_concept_retrieval.py use sampling seeds from 0; this script
 draws its own from --first-seed on (100 by default), one query per rare concept: the first seed whose
@@ -11,6 +11,7 @@ sweep and the Fisher once, then for every setting (a dict of `unlearn` arguments
 conf/method/unlearning.yaml) unlearns each query, sweeps the subset again and prints the AP of the
 concept's images within the subset, the query's loss rise and the mean loss change of the rest.
 APs within a subset are higher than over the whole training set; compare settings, not numbers.
+--show-top N also prints, per setting and query, which concepts the top N of the ranking belong to.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, nargs="+", default=[0, 200, 400, 600, 800])
     parser.add_argument("--first-seed", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--show-top", type=int, default=0, help="print the concepts of each top N")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -108,7 +111,7 @@ def main() -> None:
         if cfg["params"] not in fishers:
             fishers[cfg["params"]] = compute_fisher(model, data.dataset, subset=cfg["params"], batch_size=64)
         selected = select_parameters(model.unet, cfg["params"])
-        aps, rises, rest = [], [], []
+        aps, rises, rest, tops = [], [], [], []
         started = time.perf_counter()
         for concept, prompt, _, latent in queries:
             with preserved_parameters(selected):
@@ -126,12 +129,18 @@ def main() -> None:
             aps.append(float(retrieval_average_precision(scores.double(), target)))
             rises.append(record.loss_after / record.loss_before - 1)
             rest.append(float(scores[~target].mean()))
+            if args.show_top:
+                top = torch.argsort(scores, descending=True)[: args.show_top].tolist()
+                counts = Counter(concept_of[ids[j]] or "plain" for j in top).most_common()
+                tops.append(f"  {concept}: " + ", ".join(f"{c} {n}" for c, n in counts))
         seconds = (time.perf_counter() - started) / len(queries)
         print(
             f"| {json.dumps(setting)} | {np.mean(aps):.3f} | {' '.join(f'{a:.2f}' for a in aps)} | "
             f"{np.mean(rises):+.1%} | {np.mean(rest):.2e} | {seconds:.0f} |",
             flush=True,
         )
+        if tops:
+            print(f"  concepts of each query's top {args.show_top}:\n" + "\n".join(tops), flush=True)
 
 
 if __name__ == "__main__":
