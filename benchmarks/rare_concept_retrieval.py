@@ -1,7 +1,7 @@
 """The issue-4 quality figure: rare-concept queries attributed by several methods, scored by retrieval.
 
     python benchmarks/rare_concept_retrieval.py <checkpoint> [--methods unlearning pixel random]
-        [--seeds 0] [--out DIR] [-- attribute.py overrides, e.g. method.step_size=1e-4]
+        [--seeds 0] [--drawn-only] [--out DIR] [-- attribute.py overrides, e.g. method.step_size=1e-4]
 
 For every rare concept of the checkpoint's embedded world it prompts "a <concept> <colour> <shape> on a
 <background> background" (colour, shape and background drawn from a seeded generator), runs
@@ -65,6 +65,29 @@ def concept_prompts(
     return prompts, prompt_seeds
 
 
+def drawn_concept_prompts(
+    checkpoint: Path, concepts: list[str], first_seed: int
+) -> tuple[list[str], list[int]]:
+    """The prompts of `concept_prompts(concepts, [first_seed])`, each with the first seed from
+    `first_seed` whose image shows its concept (unlearning_calibration.drawn_queries draws the same
+    prompts from the same generator); a concept never drawn is left out, and said so."""
+    from unlearning_calibration import drawn_queries
+
+    from diffusion_attribution.data.shapes import ShapesWorldConfig
+    from diffusion_attribution.evaluation.attribute_reader import load_or_train_reader
+    from diffusion_attribution.models.pipeline import TextToImageModel
+
+    reader, _ = load_or_train_reader(
+        ShapesWorldConfig(rare_concepts=tuple(concepts)), ROOT / ".cache" / "data"
+    )
+    model = TextToImageModel.from_pretrained(checkpoint).eval()
+    chosen = drawn_queries(model, concepts, reader, first_seed)
+    expected = dict(zip(concepts, concept_prompts(concepts, [first_seed])[0], strict=True))
+    assert all(expected[concept] == prompt for concept, prompt, _, _ in chosen)
+    print("drawn queries:", [(prompt, seed) for _, prompt, seed, _ in chosen], flush=True)
+    return [prompt for _, prompt, _, _ in chosen], [seed for _, _, seed, _ in chosen]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -73,6 +96,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["unlearning", "pixel", "random"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="sampling seeds per concept")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--drawn-only",
+        action="store_true",
+        help="per concept, the same prompt but the first seed from --seeds[0] on (24 tries) whose image "
+        "the attribute reader sees the asked concept in (a query without its concept has no ground truth)",
+    )
     # Everything after "--" goes to attribute.py for the unlearning run (e.g. method.damping=1).
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -86,7 +115,10 @@ def main() -> None:
         raise SystemExit(f"{out} is not empty: pick a new --out (results are never overwritten).")
     out.mkdir(parents=True, exist_ok=True)
     data, concepts = data_overrides(checkpoint)
-    prompts, seeds = concept_prompts(concepts, args.seeds)
+    if args.drawn_only:
+        prompts, seeds = drawn_concept_prompts(checkpoint, concepts, args.seeds[0])
+    else:
+        prompts, seeds = concept_prompts(concepts, args.seeds)
     query = [f"query.prompts={json.dumps(prompts)}", f"query.seeds={json.dumps(seeds)}"]
 
     results: dict[str, dict] = {}
