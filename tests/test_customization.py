@@ -71,7 +71,9 @@ def unet_output(model: TextToImageModel, prompt: str = PROMPT) -> torch.Tensor:
 
 def test_only_kv_and_the_new_row_train(base, exemplars: Path) -> None:
     model, shapes = base
+    model.eval()  # as loaded from a checkpoint
     module = CustomDiffusionModule(model, max_steps=3, lr=1e-2, embedding_lr=1e-1, weight_decay=0.1)
+    assert all(m.training for m in model.modules()), "customization trains in train mode"
     (token_id,) = module.token_ids
     before = state(model)
     datamodule = CustomizationDataModule(

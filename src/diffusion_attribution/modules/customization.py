@@ -332,6 +332,9 @@ class CustomDiffusionModule(pl.LightningModule):
         self.base_fingerprint = model_fingerprint(model)
         self.tokens = [str(t) for t in tokens]
         self.token_ids = add_concept_tokens(model, self.tokens, initializer_words)
+        # Loaded models come in eval mode and Lightning keeps a module's mode at the start of fit (it
+        # warns "Found N module(s) in eval mode"); train as Custom Diffusion does, in train mode.
+        model.train()
         model.unet.requires_grad_(False)
         model.text_encoder.requires_grad_(False)
         if model.vae is not None:
