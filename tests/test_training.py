@@ -67,13 +67,19 @@ def test_training_steps_lower_the_loss(tiny_model, shapes) -> None:
 
 
 def test_training_loss_ignores_the_text_encoder_when_frozen(make_tiny_model, shapes) -> None:
-    model = make_tiny_model()
+    model = make_tiny_model().eval()  # as loaded from a folder
     model.train_text_encoder = False
     module = DiffusionTrainingModule(model, max_steps=1)
     names = {id(p) for p in module.trainable_parameters()}
     assert names == {id(p) for p in model.unet.parameters()}
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
     assert len(module.configure_optimizers()["optimizer"].param_groups) == 1
+    # Lightning keeps a module's mode: the UNet must be put in train mode, the frozen encoder not.
+    assert all(m.training for m in model.unet.modules())
+    assert not any(m.training for m in model.text_encoder.modules())
+    trained = make_tiny_model().eval()
+    DiffusionTrainingModule(trained, max_steps=1)
+    assert all(m.training for m in trained.unet.modules()) and trained.text_encoder.training
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -63,6 +63,10 @@ class DiffusionTrainingModule(pl.LightningModule):
         self.min_snr_gamma = min_snr_gamma
         self.train_text_encoder = getattr(model, "train_text_encoder", True)
         model.text_encoder.requires_grad_(self.train_text_encoder)
+        # A model loaded from a folder comes in eval mode and Lightning keeps it; the trained parts train
+        # in train mode, a frozen text encoder runs as at inference.
+        model.unet.train()
+        model.text_encoder.train(self.train_text_encoder)
         # EMA with warm-up (decay grows as 1 - (1 + step)^-power up to ema_decay): early averages are
         # not dominated by the random initialisation, which matters for runs of a few thousand steps.
         self.ema = EMAModel(
