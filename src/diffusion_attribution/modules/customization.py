@@ -338,7 +338,7 @@ class CustomDiffusionModule(pl.LightningModule):
         model.unet.requires_grad_(False)
         model.text_encoder.requires_grad_(False)
         if model.vae is not None:
-            model.vae.requires_grad_(False)
+            model.vae.requires_grad_(False).eval()  # frozen encoder: as at inference
         self.trained_unet = select_parameters(model.unet, params)
         for param in self.trained_unet.values():
             param.requires_grad_(True)
