@@ -83,6 +83,12 @@ def test_keeps_the_training_mode_and_the_global_rng(tiny_model) -> None:
     generate(tiny_model, PROMPTS[:1], [0], num_steps=2, sampler="ddpm")
     assert tiny_model.training
     assert torch.equal(torch.rand(3), expected)  # sampling draws only from its own generators
+    # Mixed modes (a training UNet beside a frozen, eval-mode text encoder) come back as they were.
+    tiny_model.text_encoder.eval()
+    generate(tiny_model, PROMPTS[:1], [0], num_steps=2)
+    assert all(m.training for m in tiny_model.unet.modules())
+    assert not any(m.training for m in tiny_model.text_encoder.modules())
+    tiny_model.eval()
 
 
 def test_mismatched_prompts_and_seeds_raise(model) -> None:

@@ -69,7 +69,9 @@ def generate(
                 f"{visited}. Record one of those (e.g. the nearest)."
             )
     trajectories: dict[int, list[torch.Tensor]] = {t: [] for t in record}
-    was_training = model.training
+    # Restore every submodule's own mode afterwards (not one flag for all): during training a frozen
+    # text encoder or VAE stays in eval mode while the UNet trains.
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     outputs_images, outputs_latents, noises = [], [], []
     for start in range(0, len(prompts), batch_size):
@@ -97,7 +99,8 @@ def generate(
         outputs_latents.append(latents)
         outputs_images.append(model.decode_latents(latents))
         noises.append(noise)
-    model.train(was_training)
+    for module, mode in modes:
+        module.training = mode
     return Samples(
         torch.cat(outputs_images),
         torch.cat(outputs_latents),
