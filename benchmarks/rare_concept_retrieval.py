@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,14 @@ def data_overrides(checkpoint: Path) -> tuple[list[str], list[str]]:
     return overrides, list(data["rare_concepts"])
 
 
+def checkpoint_world(checkpoint: Path) -> Any:
+    """The embedded world the checkpoint was trained on (its vocabulary and how it is drawn): the
+    attribute reader must be the one for that world."""
+    from hydra.utils import instantiate
+
+    return instantiate(OmegaConf.load(checkpoint / "training_config.yaml").data).world
+
+
 def concept_prompts(
     concepts: list[str], seeds: list[int], generator_seed: int = 0
 ) -> tuple[list[str], list[int]]:
@@ -73,13 +82,10 @@ def drawn_concept_prompts(
     prompts from the same generator); a concept never drawn is left out, and said so."""
     from unlearning_calibration import drawn_queries
 
-    from diffusion_attribution.data.shapes import ShapesWorldConfig
     from diffusion_attribution.evaluation.attribute_reader import load_or_train_reader
     from diffusion_attribution.models.pipeline import TextToImageModel
 
-    reader, _ = load_or_train_reader(
-        ShapesWorldConfig(rare_concepts=tuple(concepts)), ROOT / ".cache" / "data"
-    )
+    reader, _ = load_or_train_reader(checkpoint_world(checkpoint), ROOT / ".cache" / "data")
     model = TextToImageModel.from_pretrained(checkpoint).eval()
     chosen = drawn_queries(model, concepts, reader, first_seed)
     expected = dict(zip(concepts, concept_prompts(concepts, [first_seed])[0], strict=True))
@@ -153,7 +159,7 @@ def main() -> None:
         ]
         results[method] = {"wall_s": wall, "ranking": ranking, "metrics": metrics, "per_query": per_query}
 
-    rendered = read_query_concepts(results[args.methods[0]]["ranking"], concepts)
+    rendered = read_query_concepts(results[args.methods[0]]["ranking"], checkpoint)
     lines = summary_lines(results, prompts, rendered)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -169,17 +175,14 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def read_query_concepts(ranking: dict, concepts: list[str]) -> list[str]:
+def read_query_concepts(ranking: dict, checkpoint: Path) -> list[str]:
     """What the attribute reader sees in each generated query image: whether the model drew the
     concept it was asked for (if not, its training images are not what made the image)."""
     from PIL import Image
 
-    from diffusion_attribution.data.shapes import ShapesWorldConfig
     from diffusion_attribution.evaluation.attribute_reader import load_or_train_reader
 
-    reader, _ = load_or_train_reader(
-        ShapesWorldConfig(rare_concepts=tuple(concepts)), ROOT / ".cache" / "data"
-    )
+    reader, _ = load_or_train_reader(checkpoint_world(checkpoint), ROOT / ".cache" / "data")
     images = [
         np.asarray(Image.open(q["saved_image"]).convert("RGB"), dtype=np.float32) for q in ranking["queries"]
     ]

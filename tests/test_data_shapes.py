@@ -235,3 +235,42 @@ def test_random_flip_only_when_enabled(make_shapes) -> None:
     assert not any(make_shapes().dataset[i]["flip"] for i in range(32))
     flips = [make_shapes(random_flip=True).dataset[i]["flip"] for i in range(32)]
     assert any(flips) and not all(flips)
+
+
+def test_distinct_concept_colours_redraw_only_the_marks(world, make_shapes) -> None:
+    """`concept_colours: distinct` draws the same world (layouts, captions) with each rare concept's
+    marks in a colour of its own that no other image has; plain images are unchanged."""
+    from diffusion_attribution.data.shapes import CONCEPT_COLOURS
+
+    images, records = world
+    distinct_images, distinct_records = generate_world(replace(WORLD, concept_colours="distinct"))
+    concepts = [rec["concept"] for rec in records]
+    assert [rec["concept"] for rec in distinct_records] == concepts
+    assert [{k: v for k, v in rec.items() if k != "pattern_rgb"} for rec in distinct_records] == records
+    for idx, concept in enumerate(concepts):
+        same = np.array_equal(images[idx], distinct_images[idx])
+        # hollow has no marks to colour and haloed keeps its cyan halo: those two look the same.
+        assert same == (concept in (None, "hollow", "haloed")), (idx, concept)
+    for concept, rgb in CONCEPT_COLOURS.items():
+        if concept == "haloed":
+            continue
+        near = np.abs(distinct_images.astype(int) - np.asarray(rgb)).max(-1) <= 12
+        has_colour = near.reshape(len(images), -1).any(1)
+        assert all(has_colour[i] for i, c in enumerate(concepts) if c == concept), concept
+        assert not any(has_colour[i] for i, c in enumerate(concepts) if c != concept), concept
+    with pytest.raises(ValueError, match="concept_colours"):
+        make_shapes(concept_colours="rainbow")
+
+
+def test_world_fingerprints_keep_the_first_world_and_key_the_drawing(make_shapes) -> None:
+    from diffusion_attribution.utils.fingerprint import data_fingerprint
+
+    # The first world's key (its cached data, models and retrains) is unchanged by the new field.
+    assert ShapesWorldConfig().fingerprint() == "3418de7eabaf"
+    assert ShapesWorldConfig(concept_colours="distinct").fingerprint() != ShapesWorldConfig().fingerprint()
+    # Same file names and captions, other pixels: caches keyed by the data must not collide.
+    white, distinct = make_shapes(), make_shapes(concept_colours="distinct")
+    white.setup("fit")
+    distinct.setup("fit")
+    assert white.source.all_captions() == distinct.source.all_captions()
+    assert data_fingerprint(white) != data_fingerprint(distinct)

@@ -48,6 +48,11 @@ class CaptionedImageSource(ABC):
     def all_captions(self) -> list[str]:
         return [c for i in range(len(self)) for c in self.captions(i)]
 
+    def content_key(self) -> str:
+        """What identifies the pixels beyond file names and captions ("" when they say it all): caches
+        keyed by the data must not be reused for other images under the same names."""
+        return ""
+
 
 def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
     """Centre crop to a square, then resize (bicubic, antialiased) to `resolution`."""

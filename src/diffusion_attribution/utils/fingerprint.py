@@ -33,9 +33,11 @@ def model_fingerprint(model: Any) -> str:
 
 
 def data_fingerprint(datamodule: Any) -> str:
-    """The data as a model sees it: every example's file name and captions, and the resolution."""
+    """The data as a model sees it: every example's file name and captions, the resolution, and the
+    source's content key (the pixels, where names and captions do not decide them)."""
     source = datamodule.source
     digest = hashlib.sha1(f"{type(source).__name__}:{len(source)}:{datamodule.resolution}".encode())
+    digest.update(source.content_key().encode())
     for idx in range(len(source)):
         digest.update(source.file_name(idx).encode())
         digest.update("\x1f".join(source.captions(idx)).encode())
