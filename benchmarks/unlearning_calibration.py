@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torchmetrics.functional.retrieval import retrieval_average_precision
 
 from diffusion_attribution.data.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapesDataModule, prompt_for
 from diffusion_attribution.evaluation.attribute_reader import load_or_train_reader
+from diffusion_attribution.evaluation.retrieval import retrieval_metrics
 from diffusion_attribution.methods.weight_subsets import select_parameters
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.sampling import generate
@@ -39,10 +39,11 @@ from diffusion_attribution.modules.unlearning import preserved_parameters, unlea
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SETTINGS = [
     {},
+    {"step_size": 0.001},
+    {"step_size": 0.01},
     {"damping": 0.01},
     {"damping": 1.0},
-    {"step_size": 0.01},
-    {"steps": 4},
+    {"params": "cross_attn"},
     {"num_samples": 1024},
 ]
 UNLEARN_KEYS = ("params", "update", "steps", "step_size", "num_samples", "num_train", "damping")
@@ -126,7 +127,10 @@ def main() -> None:
                 after = per_sample_losses(model, dataset, ids, args.timesteps, [0], [False], batch_size=64)
             scores = unlearning_scores(before, after)
             target = torch.tensor([concept_of[i] == concept for i in ids])
-            aps.append(float(retrieval_average_precision(scores.double(), target)))
+            # The project's AP, not torchmetrics' functional one: that counts a relevant item with a
+            # score <= 0 (a loss that fell) as never retrieved, which misstates the AP of loss changes.
+            (metrics,) = retrieval_metrics(scores[None].double().numpy(), [target.nonzero()[:, 0].numpy()])
+            aps.append(metrics["ap"])
             rises.append(record.loss_after / record.loss_before - 1)
             rest.append(float(scores[~target].mean()))
             if args.show_top:
