@@ -32,13 +32,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from project_commands import run_project_command as run  # noqa: E402
 
 from diffusion_attribution.data.shapes import BACKGROUNDS, COLOURS, SHAPES, prompt_for  # noqa: E402
-from diffusion_attribution.jobs.attribute import LOADER_ONLY_DATA_KEYS  # noqa: E402
+from diffusion_attribution.jobs.attribute import (  # noqa: E402
+    LOADER_ONLY_DATA_KEYS,
+    with_constructor_defaults,
+)
 
 
 def data_overrides(checkpoint: Path) -> tuple[list[str], list[str]]:
     """data.* overrides reproducing the checkpoint's training data, and its rare concepts."""
     trained = OmegaConf.load(checkpoint / "training_config.yaml")
-    data = OmegaConf.to_container(trained.data, resolve=True)
+    # Keys the checkpoint's config predates are its datamodule's defaults (what it was trained with).
+    data = with_constructor_defaults(OmegaConf.to_container(trained.data, resolve=True))
     if "ShapesDataModule" not in str(data.get("_target_")):
         raise SystemExit(
             f"{checkpoint} was not trained on data=shapes: this benchmark needs the embedded world."

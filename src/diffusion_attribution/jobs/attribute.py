@@ -3,6 +3,7 @@ method (prepare once, score all queries) and write scores.npy, ranking.json and 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -70,6 +71,22 @@ class TrainingDataMismatchError(ValueError):
     pass
 
 
+def with_constructor_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A data config with the keys it leaves out set to its datamodule's defaults: a checkpoint
+    trained before a data setting existed recorded no value for it, and was trained with the default
+    (e.g. data.concept_colours: white)."""
+    try:
+        target = hydra.utils.get_class(data["_target_"])
+    except Exception:  # an unimportable target is reported where the data is built
+        return dict(data)
+    defaults = {
+        name: param.default
+        for name, param in inspect.signature(target.__init__).parameters.items()
+        if param.default is not inspect.Parameter.empty and param.kind is param.POSITIONAL_OR_KEYWORD
+    }
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}, **data}
+
+
 def check_training_data(model_path: str | Path | None, data_cfg: DictConfig) -> None:
     """Attribution ranks the model's own training set: a checkpoint written by train.py records the
     data it was trained on, and data= here must describe the same examples (same ids)."""
@@ -81,8 +98,8 @@ def check_training_data(model_path: str | Path | None, data_cfg: DictConfig) -> 
     trained = OmegaConf.load(config_file).get("data")
     if not trained or trained.get("_target_") != data_cfg.get("_target_"):
         return  # other data kinds (folder vs coco) are the user's call; the vocabulary check still runs
-    mine = OmegaConf.to_container(data_cfg, resolve=True)
-    theirs = OmegaConf.to_container(trained, resolve=True)
+    mine = with_constructor_defaults(OmegaConf.to_container(data_cfg, resolve=True))
+    theirs = with_constructor_defaults(OmegaConf.to_container(trained, resolve=True))
     differing = sorted(
         key
         for key in set(mine) | set(theirs)
