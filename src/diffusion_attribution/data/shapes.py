@@ -126,20 +126,20 @@ def render(attributes: dict[str, Any], resolution: int) -> np.ndarray:
     canvas[:] = np.asarray(attributes["background_rgb"], dtype=np.float32)
     mask = _shape_mask(attributes["shape"], xx, yy, cx, cy, r)
     fill = np.broadcast_to(colour, canvas.shape).copy()
-    white = np.asarray(pattern if pattern is not None else (240, 240, 240), dtype=np.float32)
+    mark = np.asarray(pattern if pattern is not None else (240, 240, 240), dtype=np.float32)
     period = 4 * unit
     concept = attributes.get("concept")
     if concept == "striped":
-        fill[(yy // period) % 2 == 1] = white
+        fill[(yy // period) % 2 == 1] = mark
     elif concept == "barred":
-        fill[(xx // period) % 2 == 1] = white
+        fill[(xx // period) % 2 == 1] = mark
     elif concept == "checkered":
-        fill[((xx // period) + (yy // period)) % 2 == 1] = white
+        fill[((xx // period) + (yy // period)) % 2 == 1] = mark
     elif concept == "dotted":
         gx, gy = (xx % (5 * unit)) - 2.5 * unit, (yy % (5 * unit)) - 2.5 * unit
-        fill[gx**2 + gy**2 <= (1.2 * unit) ** 2] = white if pattern is not None else 0.0
+        fill[gx**2 + gy**2 <= (1.2 * unit) ** 2] = mark if pattern is not None else 0.0
     elif concept == "ringed":
-        fill[(np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) // (3 * unit)) % 2 == 1] = white
+        fill[(np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) // (3 * unit)) % 2 == 1] = mark
     elif concept == "hollow":
         mask = mask & ~_shape_mask(attributes["shape"], xx, yy, cx, cy, r - 3 * unit)
     elif concept == "haloed":
@@ -148,7 +148,7 @@ def render(attributes: dict[str, Any], resolution: int) -> np.ndarray:
         )
         canvas[ring] = np.asarray(HALO, dtype=np.float32)
     elif concept == "split":
-        fill[xx > cx] = white
+        fill[xx > cx] = mark
     canvas[mask] = fill[mask]
     small = canvas.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.clip(np.round(small), 0, 255).astype(np.uint8)
