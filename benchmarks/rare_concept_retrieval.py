@@ -164,7 +164,10 @@ def main() -> None:
         results[method] = {"wall_s": wall, "ranking": ranking, "metrics": metrics, "per_query": per_query}
 
     rendered = read_query_concepts(results[args.methods[0]]["ranking"], checkpoint)
-    lines = summary_lines(results, prompts, rendered)
+    top_counts = {
+        m: top_concept_counts(np.load(out / m / "scores.npy"), prompts, checkpoint) for m in args.methods
+    }
+    lines = summary_lines(results, prompts, rendered, top_counts)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     plot(results, prompts, out / "retrieval.png")
@@ -194,7 +197,33 @@ def read_query_concepts(ranking: dict, checkpoint: Path) -> list[str]:
     return [read["concept"] for read in reader.read(batch)]
 
 
-def summary_lines(results: dict[str, dict], prompts: list[str], rendered: list[str]) -> list[str]:
+def top_concept_counts(
+    scores: np.ndarray, prompts: list[str], checkpoint: Path, top: int = 20
+) -> tuple[int, int]:
+    """Over all queries, how many of each top `top` are rare-concept images at all, and how many are
+    images of the concept the query asked for: whether a ranking finds rare concepts but mixes them up."""
+    from diffusion_attribution.data.shapes import materialize_world
+
+    world = checkpoint_world(checkpoint)
+    root = materialize_world(world, ROOT / ".cache" / "data")
+    train_concepts = [
+        json.loads(line)["concept"] for line in (root / "metadata.jsonl").read_text().splitlines()
+    ]
+    rare = asked = 0
+    for q, prompt in enumerate(prompts):
+        wanted = next((c for c in world.rare_concepts if c in prompt.split()), None)
+        for i in np.argsort(-scores[q], kind="stable")[:top]:
+            rare += train_concepts[i] is not None
+            asked += wanted is not None and train_concepts[i] == wanted
+    return rare, asked
+
+
+def summary_lines(
+    results: dict[str, dict],
+    prompts: list[str],
+    rendered: list[str],
+    top_counts: dict[str, tuple[int, int]] | None = None,
+) -> list[str]:
     methods = list(results)
     lines = [
         "| query | reader sees | " + " | ".join(f"AP {m}" for m in methods) + " |",
@@ -214,6 +243,13 @@ def summary_lines(results: dict[str, dict], prompts: list[str], rendered: list[s
         cells = [f"{np.mean([results[m]['per_query'][q]['ap'] for q in drawn]):.3f}" for m in methods]
         lines.append(
             f"| **mAP, concept drawn** ({len(drawn)} of {len(prompts)}) | | " + " | ".join(cells) + " |"
+        )
+    if top_counts:
+        cells = [f"{top_counts[m][0]} / {top_counts[m][1]}" for m in methods]
+        lines.append(
+            f"| top 20 of every query: rare-concept images / of the asked concept (of {20 * len(prompts)}) | | "
+            + " | ".join(cells)
+            + " |"
         )
     if "unlearning" in results:
         ranking = results["unlearning"]["ranking"]
