@@ -55,12 +55,12 @@ def data_overrides(checkpoint: Path) -> tuple[list[str], list[str]]:
     return overrides, list(data["rare_concepts"])
 
 
-def checkpoint_world(checkpoint: Path) -> Any:
-    """The embedded world the checkpoint was trained on (its vocabulary and how it is drawn): the
-    attribute reader must be the one for that world."""
+def checkpoint_datamodule(checkpoint: Path) -> Any:
+    """The checkpoint's training data (its world: vocabulary and how it is drawn; the attribute
+    reader must be the one for that world)."""
     from hydra.utils import instantiate
 
-    return instantiate(OmegaConf.load(checkpoint / "training_config.yaml").data).world
+    return instantiate(OmegaConf.load(checkpoint / "training_config.yaml").data)
 
 
 def concept_prompts(
@@ -89,7 +89,7 @@ def drawn_concept_prompts(
     from diffusion_attribution.evaluation.attribute_reader import load_or_train_reader
     from diffusion_attribution.models.pipeline import TextToImageModel
 
-    reader, _ = load_or_train_reader(checkpoint_world(checkpoint), ROOT / ".cache" / "data")
+    reader, _ = load_or_train_reader(checkpoint_datamodule(checkpoint).world, ROOT / ".cache" / "data")
     model = TextToImageModel.from_pretrained(checkpoint).eval()
     chosen = drawn_queries(model, concepts, reader, first_seed)
     expected = dict(zip(concepts, concept_prompts(concepts, [first_seed])[0], strict=True))
@@ -164,8 +164,12 @@ def main() -> None:
         results[method] = {"wall_s": wall, "ranking": ranking, "metrics": metrics, "per_query": per_query}
 
     rendered = read_query_concepts(results[args.methods[0]]["ranking"], checkpoint)
+    from diffusion_attribution.evaluation.retrieval import concept_index
+
+    concepts_of_train = concept_index(checkpoint_datamodule(checkpoint))
     top_counts = {
-        m: top_concept_counts(np.load(out / m / "scores.npy"), prompts, checkpoint) for m in args.methods
+        m: top_concept_counts(np.load(out / m / "scores.npy"), prompts, concepts_of_train)
+        for m in args.methods
     }
     lines = summary_lines(results, prompts, rendered, top_counts)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
@@ -189,7 +193,7 @@ def read_query_concepts(ranking: dict, checkpoint: Path) -> list[str]:
 
     from diffusion_attribution.evaluation.attribute_reader import load_or_train_reader
 
-    reader, _ = load_or_train_reader(checkpoint_world(checkpoint), ROOT / ".cache" / "data")
+    reader, _ = load_or_train_reader(checkpoint_datamodule(checkpoint).world, ROOT / ".cache" / "data")
     images = [
         np.asarray(Image.open(q["saved_image"]).convert("RGB"), dtype=np.float32) for q in ranking["queries"]
     ]
@@ -198,23 +202,20 @@ def read_query_concepts(ranking: dict, checkpoint: Path) -> list[str]:
 
 
 def top_concept_counts(
-    scores: np.ndarray, prompts: list[str], checkpoint: Path, top: int = 20
+    scores: np.ndarray, prompts: list[str], concepts: dict[str, np.ndarray], top: int = 20
 ) -> tuple[int, int]:
     """Over all queries, how many of each top `top` are rare-concept images at all, and how many are
-    images of the concept the query asked for: whether a ranking finds rare concepts but mixes them up."""
-    from diffusion_attribution.data.shapes import materialize_world
+    images of the concept the query asked for (the retrieval benchmark's ground truth): whether a
+    ranking finds rare concepts but mixes them up. `concepts`: evaluation.retrieval.concept_index."""
+    from diffusion_attribution.evaluation.retrieval import relevant_ids_for
 
-    world = checkpoint_world(checkpoint)
-    root = materialize_world(world, ROOT / ".cache" / "data")
-    train_concepts = [
-        json.loads(line)["concept"] for line in (root / "metadata.jsonl").read_text().splitlines()
-    ]
+    rare_ids = np.concatenate(list(concepts.values()))
     rare = asked = 0
     for q, prompt in enumerate(prompts):
-        wanted = next((c for c in world.rare_concepts if c in prompt.split()), None)
-        for i in np.argsort(-scores[q], kind="stable")[:top]:
-            rare += train_concepts[i] is not None
-            asked += wanted is not None and train_concepts[i] == wanted
+        wanted = relevant_ids_for({"caption": prompt}, concepts)
+        ranked = np.argsort(-scores[q], kind="stable")[:top]
+        rare += int(np.isin(ranked, rare_ids).sum())
+        asked += int(np.isin(ranked, wanted).sum()) if wanted is not None else 0
     return rare, asked
 
 

@@ -75,6 +75,14 @@ class ShapesWorldConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     concept_colours: str = "white"
 
+    def __post_init__(self) -> None:
+        if self.concept_colours not in CONCEPT_COLOUR_STYLES:
+            raise ValueError(
+                f"data.concept_colours={self.concept_colours!r} is not a style; use one of "
+                f"{list(CONCEPT_COLOUR_STYLES)} (white: every pattern white, the first world; distinct: a "
+                "colour of its own per concept)."
+            )
+
     def fingerprint(self) -> str:
         fields = asdict(self)
         if fields["concept_colours"] == "white":
@@ -265,11 +273,6 @@ class ShapesDataModule(CaptionedImageDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if concept_colours not in CONCEPT_COLOUR_STYLES:
-            raise ValueError(
-                f"data.concept_colours={concept_colours!r} is not a style; use one of {list(CONCEPT_COLOUR_STYLES)} "
-                "(white: every pattern white, the first world; distinct: a colour of its own per concept)."
-            )
         unknown = sorted(set(rare_concepts) - set(RARE_CONCEPTS))
         if unknown:
             raise ValueError(
