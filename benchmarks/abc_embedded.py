@@ -95,6 +95,8 @@ def settings_from(args: argparse.Namespace) -> AbcEmbeddedSettings:
         exemplars_per_concept=args.exemplars,
         queries_per_concept=args.queries_per_concept,
         steps=args.customization_steps,
+        params=args.customization_params,
+        lr=args.customization_lr,
     )
 
 
@@ -109,6 +111,13 @@ def main() -> None:
     parser.add_argument("--exemplars", type=int, default=AbcEmbeddedSettings.exemplars_per_concept)
     parser.add_argument("--queries-per-concept", type=int, default=AbcEmbeddedSettings.queries_per_concept)
     parser.add_argument("--customization-steps", type=int, default=AbcEmbeddedSettings.steps)
+    parser.add_argument(
+        "--customization-params",
+        default=AbcEmbeddedSettings.params,
+        choices=["kv", "cross_attn", "attn", "all"],
+        help="the UNet weights the customization trains (kv: Custom Diffusion's key/value projections)",
+    )
+    parser.add_argument("--customization-lr", type=float, default=AbcEmbeddedSettings.lr)
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "abc_embedded")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
@@ -119,8 +128,9 @@ def main() -> None:
         "--grid",
         nargs="*",
         default=["1,0.0003,10", "1,0.001,10", "1,0.003,10", "3,0.001,10", "1,0.001,5"],
-        help="unlearning settings 'steps,step_size,num_timesteps[,damping]' with N = the pool size (the "
-        "update depends on step_size / N only, so N is not a separate axis); damping defaults to 0.1",
+        help="unlearning settings 'steps,step_size,num_timesteps[,damping[,params]]' with N = the pool size "
+        "(the update depends on step_size / N only, so N is not a separate axis); damping defaults to 0.1, "
+        "params (the unlearned weight subset) to kv",
     )
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -183,7 +193,8 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
     grid = []
     for point in args.grid:
         steps, alpha, num_t, *rest = point.split(",")
-        grid.append((int(steps), float(alpha), int(num_t), float(rest[0]) if rest else 0.1))
+        damping = float(rest[0]) if rest else 0.1
+        grid.append((int(steps), float(alpha), int(num_t), damping, rest[1] if len(rest) > 1 else "kv"))
     results = []
     for concept in args.calibrate:
         model = TextToImageModel.from_pretrained(root / concept / "model").eval()
@@ -194,8 +205,11 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
         others = sorted(rng.choice(exemplars[0], args.calibration_distractors, replace=False).tolist())
         ids = others + exemplars
         started = time.perf_counter()
-        # The Fisher over the whole pool, as attribute.py computes it.
-        fisher = compute_fisher(model, datamodule.dataset, subset="kv", batch_size=64, progress=False)
+        # The Fisher over the whole pool, as attribute.py computes it, per unlearned weight subset.
+        fishers = {
+            params: compute_fisher(model, datamodule.dataset, subset=params, batch_size=64, progress=False)
+            for params in sorted({g[4] for g in grid})
+        }
         fisher_s = time.perf_counter() - started
         num_t = int(model.scheduler.config.num_train_timesteps)
         grids = {t: list(range(0, num_t, num_t // t))[:t] for t in sorted({g[2] for g in grid})}
@@ -206,11 +220,11 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
         # Calibration queries: their own seed stream (settings.seed + 1), never the evaluation queries.
         prompts = query_prompts(concept, args.calibration_queries, settings.seed + 1)
         samples = generate(model, [p for p, _ in prompts], [s for _, s in prompts], **settings.sampler)
-        selected = select_parameters(model.unet, "kv")
         target = [np.arange(len(others), len(ids))]
         num_train = float(datamodule.num_examples)
-        for steps, step_size, num_t, damping in grid:
+        for steps, step_size, num_t, damping, params in grid:
             point_started = time.perf_counter()
+            selected, fisher = select_parameters(model.unet, params), fishers[params]
             aps, recalls, increases = [], [], []
             for q, (prompt, _) in enumerate(prompts):
                 with preserved_parameters(selected):
@@ -240,6 +254,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                 "num_train": num_train,
                 "num_timesteps": num_t,
                 "damping": damping,
+                "params": params,
                 "ap": float(np.mean(aps)),
                 "recall@10": float(np.mean(recalls)),
                 "query_loss_increase": float(np.mean(increases)),

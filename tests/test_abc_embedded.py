@@ -17,16 +17,18 @@ from small_models import small_model
 
 from diffusion_attribution.data import abc_embedded
 from diffusion_attribution.data.abc_embedded import (
+    FRAME,
     OBJECT_CONCEPTS,
     STYLE_CONCEPTS,
     TOKEN,
     AbcEmbeddedDataModule,
     AbcEmbeddedSettings,
+    base_data_settings,
     build_abc_embedded,
     render_exemplars,
 )
 from diffusion_attribution.data.base import DataError
-from diffusion_attribution.data.shapes import ShapesDataModule
+from diffusion_attribution.data.shapes import BACKGROUNDS, COLOURS, CONCEPT_COLOURS, ShapesDataModule
 from diffusion_attribution.jobs.attribute import run_attribution
 from diffusion_attribution.jobs.evaluate import run_benchmark
 from diffusion_attribution.models.pipeline import TextToImageModel
@@ -72,6 +74,33 @@ def test_exemplars_are_deterministic_and_captioned_with_the_token() -> None:
     assert not np.array_equal(stars[0], inverted[0])
     with pytest.raises(DataError, match="Unknown"):
         render_exemplars("zigzag", 3, seed=0)
+
+
+def test_frame_is_a_colour_neither_world_uses() -> None:
+    images, records = render_exemplars("framed", 3, seed=0)
+    assert tuple(images[0][0, 0]) == FRAME
+    used = {*COLOURS.values(), *BACKGROUNDS.values(), *CONCEPT_COLOURS.values(), (255, 255, 255)}
+    assert min(np.abs(np.subtract(FRAME, c)).sum() for c in used) > 100
+
+
+def test_distractors_are_the_world_the_base_was_trained_on(tmp_path: Path, shapes_cache: Path) -> None:
+    """A base trained on the distinct world gets the distinct world as its distractor pool; one trained
+    before the setting existed (no key in its training config) keeps ShapesDataModule's white."""
+    world = {**WORLD, "cache_dir": str(shapes_cache)}
+    captions = ShapesDataModule(**world, resolution=RESOLUTION).source.all_captions()
+    model = small_model(captions)
+    target = "diffusion_attribution.data.shapes.ShapesDataModule"
+    distinct = model.save_pretrained(
+        tmp_path / "distinct", config={"data": {"_target_": target, **world, "concept_colours": "distinct"}}
+    )
+    old = model.save_pretrained(tmp_path / "old", config={"data": {"_target_": target, **world}})
+    assert base_data_settings(distinct)["concept_colours"] == "distinct"
+    assert "concept_colours" not in base_data_settings(old)
+    pools = [ShapesDataModule(**base_data_settings(c), resolution=RESOLUTION) for c in (distinct, old)]
+    assert [p.world.concept_colours for p in pools] == ["distinct", "white"]
+    striped = next(i for i in range(pools[0].num_examples) if "striped" in pools[0].source.captions(i)[0])
+    a, b = (p.full_dataset().example(striped)["pixel_values"] for p in pools)
+    assert not torch.equal(a, b)
 
 
 @pytest.fixture(scope="module")
