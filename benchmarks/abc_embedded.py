@@ -165,7 +165,10 @@ def main() -> None:
             timings.setdefault(method, {})[concept] = timing["wall_s"]
             run_dirs.append(out / method / concept)
     eval_dir = evaluate(run_dirs, out, args.threads)
-    (out / "timings.json").write_text(json.dumps({"build_s": build_s, "attribute_wall_s": timings}, indent=2))
+    # Merged with the file as it is now: another call may have run other methods into the same --out.
+    now = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
+    merged = {**now.get("attribute_wall_s", {}), **timings}
+    (out / "timings.json").write_text(json.dumps({"build_s": build_s, "attribute_wall_s": merged}, indent=2))
     print((eval_dir / "abc.md").read_text())
     for method, per_concept in timings.items():
         walls = [w for w in per_concept.values() if w is not None]

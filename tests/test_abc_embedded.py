@@ -18,6 +18,7 @@ from small_models import small_model
 from diffusion_attribution.data import abc_embedded
 from diffusion_attribution.data.abc_embedded import (
     FRAME,
+    OBJECT_COLOURS,
     OBJECT_CONCEPTS,
     STYLE_CONCEPTS,
     TOKEN,
@@ -25,6 +26,7 @@ from diffusion_attribution.data.abc_embedded import (
     AbcEmbeddedSettings,
     base_data_settings,
     build_abc_embedded,
+    query_prompts,
     render_exemplars,
 )
 from diffusion_attribution.data.base import DataError
@@ -69,6 +71,12 @@ def test_exemplars_are_deterministic_and_captioned_with_the_token() -> None:
             assert words[slot - 1] in ("red", "green", "blue", "yellow") and words[slot + 1] == "on"
         else:  # "a <new1> <colour> <shape> on ...": the rare-concept adjective's place
             assert words[slot - 1] == "a" and words[slot + 2] in ("circle", "square", "triangle", "cross")
+    # An object concept is one instance: one colour in every exemplar and query, backgrounds vary.
+    for name in OBJECT_CONCEPTS:
+        _, records = render_exemplars(name, 6, seed=0)
+        colour = OBJECT_COLOURS[name]
+        assert {r["colour"] for r in records} == {colour} and len({r["background"] for r in records}) == 3
+        assert all(f"a {colour} {TOKEN} on" in p for p, _ in query_prompts(name, 4, seed=0))
     stars, _ = render_exemplars("star", 3, seed=0)
     inverted, _ = render_exemplars("inverted", 3, seed=0)
     assert not np.array_equal(stars[0], inverted[0])

@@ -6,9 +6,10 @@ base model on them. Images that model generates from prompts with the token are 
 exemplars by construction, so attribution must find the exemplars among the base model's training
 set (the distractors).
 
-- OBJECT concepts: a new shape (star, crescent, heart, arrow) drawn like the world's objects, in its
-  colours and on its backgrounds; captions put the token where a shape word goes
-  ("a red <new1> on a black background").
+- OBJECT concepts: a new shape (star, crescent, heart, arrow) drawn like the world's objects: one
+  object instance each, like AbC's (a particular toy or pet), so its colour is fixed (the yellow star,
+  the blue crescent, ...) while backgrounds, positions and sizes vary; captions put the token where a
+  shape word goes ("a yellow <new1> on a black background").
 - STYLE concepts: a look applied to ordinary world images (inverted, pixelated, sepia, framed);
   captions put the token where the world's rare-concept adjectives go
   ("a <new1> red circle on a black background").
@@ -60,6 +61,11 @@ log = logging.getLogger(__name__)
 
 TOKEN = "<new1>"
 OBJECT_CONCEPTS = ("star", "crescent", "heart", "arrow")
+# An object concept is one instance with its own colour (format 3). In format 2 each exemplar and query
+# drew its colour afresh, so a "blue <new1>" query shared its colour with one exemplar at most, and
+# every method ranked same-colour distractors above the other exemplars: the ground truth then asked
+# for shape-only retrieval across colours, which AbC's object instances never ask.
+OBJECT_COLOURS = {"star": "yellow", "crescent": "blue", "heart": "red", "arrow": "green"}
 STYLE_CONCEPTS = ("inverted", "pixelated", "sepia", "framed")
 # Olive: a colour neither world uses (the distinct world's striped marks took the first frame's magenta,
 # FORMAT_VERSION 1, so a framed exemplar looked like a striped mark there).
@@ -173,6 +179,8 @@ def render_exemplars(
     rng = np.random.default_rng([seed, _concept_key(name)])
     kind = concept_type(name)
     colours = _balanced_choices(rng, tuple(COLOURS), count)
+    if kind == "object":  # drawn all the same, so the styles' streams stay as they were
+        colours = [OBJECT_COLOURS[name]] * count
     backgrounds = _balanced_choices(rng, tuple(BACKGROUNDS), count)
     shapes = _balanced_choices(rng, SHAPES, count)
     world = ShapesWorldConfig(resolution=resolution)
@@ -218,10 +226,12 @@ def query_prompts(name: str, count: int, seed: int) -> list[tuple[str, int]]:
     """(prompt, sampling seed) pairs for the concept's queries: colours/backgrounds (and, for styles,
     shapes) drawn from their own seeded stream, different seeds per query."""
     rng = np.random.default_rng([seed, 7919, _concept_key(name)])
+    kind = concept_type(name)
     colours = _balanced_choices(rng, tuple(COLOURS), count)
+    if kind == "object":
+        colours = [OBJECT_COLOURS[name]] * count
     backgrounds = _balanced_choices(rng, tuple(BACKGROUNDS), count)
     shapes = _balanced_choices(rng, SHAPES, count)
-    kind = concept_type(name)
     return [
         (
             concept_prompt(name, colours[k], backgrounds[k], None if kind == "object" else shapes[k]),
@@ -232,7 +242,9 @@ def query_prompts(name: str, count: int, seed: int) -> list[tuple[str, int]]:
 
 
 # ------------------------------------------------------------------------------------------ building
-FORMAT_VERSION = 2  # bump when the build changes what it writes (2: olive frame, base world's colours)
+# bump when the build changes what it writes (2: olive frame, the base world's colours; 3: an object
+# concept is one instance with a fixed colour)
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
