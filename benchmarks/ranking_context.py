@@ -1,0 +1,105 @@
+"""What a ranking's top K shares with its query besides the concept: colour, shape, background.
+
+    python benchmarks/ranking_context.py <attribute run dir> [<run dir> ...] [--top 20]
+
+For every query of an attribute.py run on the embedded world (data=shapes), reads the query's colour,
+shape and background from its caption and counts, among the top K training images, those of the asked
+concept, of another rare concept and plain ones; then, for the images of another concept, how often
+they share the query's colour, shape and background, against the rate over the whole training set.
+A ranking that finds "rare images drawn like the query" rather than "images of the query's concept"
+shows same-context rates far above the base rates (issue 4: why mAP stays below the goal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from diffusion_attribution.data.shapes import BACKGROUNDS, COLOURS, SHAPES  # noqa: E402
+
+ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "background": tuple(BACKGROUNDS)}
+
+
+def caption_attributes(caption: str) -> dict[str, str | None]:
+    """The colour, shape and background words of a world caption (None when absent). The world's
+    object colours, shapes and backgrounds are disjoint word sets, so the first match of each is it."""
+    words = re.findall(r"[a-z]+", caption.lower())
+    return {name: next((w for w in words if w in options), None) for name, options in ATTRIBUTES.items()}
+
+
+def context_table(run_dir: Path, top: int) -> list[str]:
+    config = OmegaConf.load(run_dir / "config.yaml")
+    if "ShapesDataModule" not in str(config.data.get("_target_")):
+        raise SystemExit(f"{run_dir} is not a run on data=shapes: this analysis reads the embedded world.")
+    source = instantiate(config.data).source
+    meta = [source.metadata(i) for i in range(len(source))]
+    scores = np.load(run_dir / "scores.npy")
+    queries = json.loads((run_dir / "ranking.json").read_text())["queries"]
+    base = {
+        name: {v: np.mean([m.get(name) == v for m in meta]) for v in options}
+        for name, options in ATTRIBUTES.items()
+    }
+    lines = [
+        f"{run_dir} (top {top})",
+        "",
+        "| query | asked concept | other concept | plain | others: same colour | same shape | same background |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    totals = {"asked": 0, "other": 0, "plain": 0}
+    shared = {name: [0, 0.0] for name in ATTRIBUTES}  # count sharing, expected count at base rate
+    for q, query in enumerate(queries):
+        caption = query.get("caption") or query.get("prompt") or ""
+        context = caption_attributes(caption)
+        words = set(re.findall(r"[a-z]+", caption.lower()))
+        asked = next((m["concept"] for m in meta if m.get("concept") and m["concept"] in words), None)
+        ranked = np.argsort(-scores[q], kind="stable")[:top]
+        own = [i for i in ranked if asked and meta[i].get("concept") == asked]
+        other = [i for i in ranked if meta[i].get("concept") and meta[i].get("concept") != asked]
+        totals["asked"] += len(own)
+        totals["other"] += len(other)
+        totals["plain"] += top - len(own) - len(other)
+        cells = []
+        for name in ATTRIBUTES:
+            same = sum(meta[i].get(name) == context[name] for i in other)
+            shared[name][0] += same
+            shared[name][1] += len(other) * base[name].get(context[name], 0.0)
+            cells.append(f"{same} / {len(other)}")
+        lines.append(
+            f"| {caption} | {len(own)} | {len(other)} | {top - len(own) - len(other)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    total_other = max(totals["other"], 1)
+    lines.append(
+        f"| **all queries** | {totals['asked']} | {totals['other']} | {totals['plain']} | "
+        + " | ".join(
+            f"{shared[n][0] / total_other:.0%} (base {shared[n][1] / total_other:.0%})" for n in ATTRIBUTES
+        )
+        + " |"
+    )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", type=Path, help="attribute.py run directories")
+    parser.add_argument("--top", type=int, default=20)
+    args = parser.parse_args()
+    for run_dir in args.runs:
+        print("\n".join(context_table(run_dir, args.top)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
