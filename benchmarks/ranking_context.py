@@ -8,6 +8,10 @@ concept, of another rare concept and plain ones; then, for the images of another
 they share the query's colour, shape and background, against the rate over the whole training set.
 A ranking that finds "rare images drawn like the query" rather than "images of the query's concept"
 shows same-context rates far above the base rates (issue 4: why mAP stays below the goal).
+
+On an embedded-AbC run (data=abc_embedded) it counts, per query, the exemplars in the top K and how
+many of them are drawn on the query's background (issue 7: object queries find the exemplars that share
+the query's background and miss the others).
 """
 
 from __future__ import annotations
@@ -37,10 +41,43 @@ def caption_attributes(caption: str) -> dict[str, str | None]:
     return {name: next((w for w in words if w in options), None) for name, options in ATTRIBUTES.items()}
 
 
+def exemplar_context_table(run_dir: Path, top: int) -> list[str]:
+    """An embedded-AbC run (data=abc_embedded): how many of the exemplars in each top K are drawn on
+    the query's background, against how many of the concept's exemplars are."""
+    config = OmegaConf.load(run_dir / "config.yaml")
+    source = instantiate(config.data).source
+    scores = np.load(run_dir / "scores.npy")
+    queries = json.loads((run_dir / "ranking.json").read_text())["queries"]
+    lines = [
+        f"{run_dir} (top {top})",
+        "",
+        "| query | exemplars in top K | of them on the query's background | exemplars on it (of all) |",
+        "|---|---|---|---|",
+    ]
+    found = same = 0
+    for q, query in enumerate(queries):
+        background = caption_attributes(query.get("caption") or query["prompt"])["background"]
+        relevant = list(query["relevant_ids"])
+        ranked = np.argsort(-scores[q], kind="stable")[:top]
+        hits = [int(i) for i in ranked if int(i) in relevant]
+        on_bg = sum(source.metadata(i).get("background") == background for i in hits)
+        total_bg = sum(source.metadata(i).get("background") == background for i in relevant)
+        found, same = found + len(hits), same + on_bg
+        lines.append(
+            f"| {query.get('caption') or query['prompt']} | {len(hits)} | {on_bg} | {total_bg} of {len(relevant)} |"
+        )
+    lines.append(f"| **all queries** | {found} | {same} | |")
+    return lines
+
+
 def context_table(run_dir: Path, top: int) -> list[str]:
     config = OmegaConf.load(run_dir / "config.yaml")
+    if "AbcEmbeddedDataModule" in str(config.data.get("_target_")):
+        return exemplar_context_table(run_dir, top)
     if "ShapesDataModule" not in str(config.data.get("_target_")):
-        raise SystemExit(f"{run_dir} is not a run on data=shapes: this analysis reads the embedded world.")
+        raise SystemExit(
+            f"{run_dir} is not a run on data=shapes or data=abc_embedded: this analysis reads the embedded world."
+        )
     source = instantiate(config.data).source
     meta = [source.metadata(i) for i in range(len(source))]
     scores = np.load(run_dir / "scores.npy")
