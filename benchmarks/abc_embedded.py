@@ -42,6 +42,7 @@ from diffusion_attribution.data.abc_embedded import (  # noqa: E402
     AbcEmbeddedSettings,
     build_abc_embedded,
 )
+from diffusion_attribution.methods.weight_subsets import SUBSETS  # noqa: E402
 
 DEFAULT_METHODS = ["unlearning", "dtrak", "pixel", "random"]
 
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument(
         "--customization-params",
         default=AbcEmbeddedSettings.params,
-        choices=["kv", "cross_attn", "attn", "all"],
+        choices=list(SUBSETS),
         help="the UNet weights the customization trains (kv: Custom Diffusion's key/value projections)",
     )
     parser.add_argument("--customization-lr", type=float, default=AbcEmbeddedSettings.lr)

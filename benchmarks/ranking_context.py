@@ -21,6 +21,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from hydra.utils import instantiate
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from diffusion_attribution.data.shapes import BACKGROUNDS, COLOURS, SHAPES  # noqa: E402
+from diffusion_attribution.evaluation.retrieval import concept_index, relevant_ids_for  # noqa: E402
 
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "background": tuple(BACKGROUNDS)}
 
@@ -41,13 +43,28 @@ def caption_attributes(caption: str) -> dict[str, str | None]:
     return {name: next((w for w in words if w in options), None) for name, options in ATTRIBUTES.items()}
 
 
-def exemplar_context_table(run_dir: Path, top: int) -> list[str]:
+def load_run(run_dir: Path) -> tuple[Any, np.ndarray, list[dict[str, Any]]]:
+    """The run's datamodule (rebuilt from its config.yaml), scores [Q, N] and query records."""
+    config = OmegaConf.load(run_dir / "config.yaml")
+    target = str(config.data.get("_target_"))
+    if "ShapesDataModule" not in target and "AbcEmbeddedDataModule" not in target:
+        raise SystemExit(
+            f"{run_dir} is not a run on data=shapes or data=abc_embedded: this analysis reads the embedded world."
+        )
+    queries = json.loads((run_dir / "ranking.json").read_text())["queries"]
+    return instantiate(config.data), np.load(run_dir / "scores.npy"), queries
+
+
+def caption_of(query: dict[str, Any]) -> str:
+    return query.get("caption") or query.get("prompt") or ""
+
+
+def exemplar_context_table(
+    run_dir: Path, top: int, datamodule: Any, scores: np.ndarray, queries: list[dict[str, Any]]
+) -> list[str]:
     """An embedded-AbC run (data=abc_embedded): how many of the exemplars in each top K are drawn on
     the query's background, against how many of the concept's exemplars are."""
-    config = OmegaConf.load(run_dir / "config.yaml")
-    source = instantiate(config.data).source
-    scores = np.load(run_dir / "scores.npy")
-    queries = json.loads((run_dir / "ranking.json").read_text())["queries"]
+    source = datamodule.source
     lines = [
         f"{run_dir} (top {top})",
         "",
@@ -56,32 +73,28 @@ def exemplar_context_table(run_dir: Path, top: int) -> list[str]:
     ]
     found = same = 0
     for q, query in enumerate(queries):
-        background = caption_attributes(query.get("caption") or query["prompt"])["background"]
-        relevant = list(query["relevant_ids"])
+        background = caption_attributes(caption_of(query))["background"]
+        relevant = np.asarray(query["relevant_ids"])
         ranked = np.argsort(-scores[q], kind="stable")[:top]
-        hits = [int(i) for i in ranked if int(i) in relevant]
+        hits = ranked[np.isin(ranked, relevant)].tolist()
         on_bg = sum(source.metadata(i).get("background") == background for i in hits)
-        total_bg = sum(source.metadata(i).get("background") == background for i in relevant)
+        total_bg = sum(source.metadata(int(i)).get("background") == background for i in relevant)
         found, same = found + len(hits), same + on_bg
-        lines.append(
-            f"| {query.get('caption') or query['prompt']} | {len(hits)} | {on_bg} | {total_bg} of {len(relevant)} |"
-        )
+        lines.append(f"| {caption_of(query)} | {len(hits)} | {on_bg} | {total_bg} of {len(relevant)} |")
     lines.append(f"| **all queries** | {found} | {same} | |")
     return lines
 
 
 def context_table(run_dir: Path, top: int) -> list[str]:
-    config = OmegaConf.load(run_dir / "config.yaml")
-    if "AbcEmbeddedDataModule" in str(config.data.get("_target_")):
-        return exemplar_context_table(run_dir, top)
-    if "ShapesDataModule" not in str(config.data.get("_target_")):
-        raise SystemExit(
-            f"{run_dir} is not a run on data=shapes or data=abc_embedded: this analysis reads the embedded world."
-        )
-    source = instantiate(config.data).source
+    """A run on the embedded world (data=shapes): the top K by concept, and the context the images of
+    another concept share with the query, against the base rates."""
+    datamodule, scores, queries = load_run(run_dir)
+    if hasattr(datamodule, "exemplar_ids"):  # data=abc_embedded
+        return exemplar_context_table(run_dir, top, datamodule, scores, queries)
+    source = datamodule.source
     meta = [source.metadata(i) for i in range(len(source))]
-    scores = np.load(run_dir / "scores.npy")
-    queries = json.loads((run_dir / "ranking.json").read_text())["queries"]
+    concepts = concept_index(datamodule)
+    rare_ids = np.concatenate(list(concepts.values()))
     base = {
         name: {v: np.mean([m.get(name) == v for m in meta]) for v in options}
         for name, options in ATTRIBUTES.items()
@@ -95,13 +108,12 @@ def context_table(run_dir: Path, top: int) -> list[str]:
     totals = {"asked": 0, "other": 0, "plain": 0}
     shared = {name: [0, 0.0] for name in ATTRIBUTES}  # count sharing, expected count at base rate
     for q, query in enumerate(queries):
-        caption = query.get("caption") or query.get("prompt") or ""
-        context = caption_attributes(caption)
-        words = set(re.findall(r"[a-z]+", caption.lower()))
-        asked = next((m["concept"] for m in meta if m.get("concept") and m["concept"] in words), None)
+        context = caption_attributes(caption_of(query))
+        wanted = relevant_ids_for({"caption": caption_of(query), **query}, concepts)
+        wanted = np.empty(0, dtype=np.int64) if wanted is None else wanted
         ranked = np.argsort(-scores[q], kind="stable")[:top]
-        own = [i for i in ranked if asked and meta[i].get("concept") == asked]
-        other = [i for i in ranked if meta[i].get("concept") and meta[i].get("concept") != asked]
+        own = ranked[np.isin(ranked, wanted)]
+        other = ranked[np.isin(ranked, rare_ids) & ~np.isin(ranked, wanted)].tolist()
         totals["asked"] += len(own)
         totals["other"] += len(other)
         totals["plain"] += top - len(own) - len(other)
@@ -112,7 +124,7 @@ def context_table(run_dir: Path, top: int) -> list[str]:
             shared[name][1] += len(other) * base[name].get(context[name], 0.0)
             cells.append(f"{same} / {len(other)}")
         lines.append(
-            f"| {caption} | {len(own)} | {len(other)} | {top - len(own) - len(other)} | "
+            f"| {caption_of(query)} | {len(own)} | {len(other)} | {top - len(own) - len(other)} | "
             + " | ".join(cells)
             + " |"
         )

@@ -172,15 +172,20 @@ def _balanced_choices(rng: np.random.Generator, options: tuple[str, ...], count:
     return [str(v) for _ in range(rounds) for v in rng.permutation(list(options))][:count]
 
 
+def _concept_colours(rng: np.random.Generator, name: str, count: int) -> list[str]:
+    """Colour words: balanced draws for a style, the instance's own colour for an object. The draws are
+    made either way, so the streams that follow (backgrounds, shapes) are the same for both kinds."""
+    colours = _balanced_choices(rng, tuple(COLOURS), count)
+    return [OBJECT_COLOURS[name]] * count if concept_type(name) == "object" else colours
+
+
 def render_exemplars(
     name: str, count: int, seed: int, resolution: int = 32
 ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
     """The concept's exemplars: images and records (captions + attributes), from `seed` alone."""
     rng = np.random.default_rng([seed, _concept_key(name)])
     kind = concept_type(name)
-    colours = _balanced_choices(rng, tuple(COLOURS), count)
-    if kind == "object":  # drawn all the same, so the styles' streams stay as they were
-        colours = [OBJECT_COLOURS[name]] * count
+    colours = _concept_colours(rng, name, count)
     backgrounds = _balanced_choices(rng, tuple(BACKGROUNDS), count)
     shapes = _balanced_choices(rng, SHAPES, count)
     world = ShapesWorldConfig(resolution=resolution)
@@ -226,12 +231,10 @@ def query_prompts(name: str, count: int, seed: int) -> list[tuple[str, int]]:
     """(prompt, sampling seed) pairs for the concept's queries: colours/backgrounds (and, for styles,
     shapes) drawn from their own seeded stream, different seeds per query."""
     rng = np.random.default_rng([seed, 7919, _concept_key(name)])
-    kind = concept_type(name)
-    colours = _balanced_choices(rng, tuple(COLOURS), count)
-    if kind == "object":
-        colours = [OBJECT_COLOURS[name]] * count
+    colours = _concept_colours(rng, name, count)
     backgrounds = _balanced_choices(rng, tuple(BACKGROUNDS), count)
     shapes = _balanced_choices(rng, SHAPES, count)
+    kind = concept_type(name)
     return [
         (
             concept_prompt(name, colours[k], backgrounds[k], None if kind == "object" else shapes[k]),
