@@ -32,6 +32,7 @@ from diffusion_attribution.evaluation.retrieval import retrieval_metrics
 from diffusion_attribution.methods.weight_subsets import select_parameters
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.sampling import generate
+from diffusion_attribution.modules.ekfac import compute_ekfac
 from diffusion_attribution.modules.fisher import compute_fisher
 from diffusion_attribution.modules.loss_sweep import per_sample_losses, unlearning_scores
 from diffusion_attribution.modules.unlearning import preserved_parameters, unlearn
@@ -109,8 +110,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for setting in args.settings:
         cfg = {**defaults, **setting}
-        if cfg["params"] not in fishers:
-            fishers[cfg["params"]] = compute_fisher(model, data.dataset, subset=cfg["params"], batch_size=64)
+        kind = (cfg["params"], cfg["update"] == "ekfac")
+        if kind not in fishers:
+            compute = compute_ekfac if cfg["update"] == "ekfac" else compute_fisher
+            fishers[kind] = compute(model, data.dataset, subset=cfg["params"], batch_size=64)
         selected = select_parameters(model.unet, cfg["params"])
         aps, rises, rest, tops = [], [], [], []
         started = time.perf_counter()
@@ -120,7 +123,7 @@ def main() -> None:
                     model,
                     latent,
                     prompt,
-                    fishers[cfg["params"]],
+                    fishers[kind],
                     selected,
                     **{k: v for k, v in cfg.items() if k != "params"},
                 )

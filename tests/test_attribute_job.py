@@ -252,6 +252,33 @@ def test_sgd_update_runs_end_to_end(checkpoint, world_overrides, datamodule, tmp
     assert not (tmp_path / "cache" / "fisher").exists()  # sgd needs no Fisher
 
 
+def test_ekfac_update_runs_end_to_end(checkpoint, world_overrides, datamodule, tmp_path: Path) -> None:
+    """method.update=ekfac: the factors are computed once, cached beside the Fisher files, and reused
+    by a second run with the same model, data and subset."""
+    (image,), (caption,) = write_training_images(datamodule, [5], tmp_path / "images")
+    overrides = [f"query.images=['{image}']", f"query.captions=['{caption}']", *FAST_METHOD]
+    overrides += ["method.update=ekfac", "method.step_size=1e-3"]
+    scores = run_attribution(
+        attribute_cfg(checkpoint, world_overrides, tmp_path / "run", *overrides), tmp_path / "run"
+    )
+    assert scores.shape == (1, NUM_EXAMPLES) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+    ranking = json.loads((tmp_path / "run" / "ranking.json").read_text())
+    assert ranking["queries"][0]["diagnostics"]["update"] == "ekfac"
+    assert (
+        ranking["queries"][0]["diagnostics"]["loss_after"]
+        > ranking["queries"][0]["diagnostics"]["loss_before"]
+    )
+    cached = sorted((tmp_path / "cache" / "fisher").glob("ekfac-*.safetensors"))
+    assert len(cached) == 1
+    HydraConfig.instance().cfg = None
+    stamp = cached[0].stat().st_mtime_ns
+    again = run_attribution(
+        attribute_cfg(checkpoint, world_overrides, tmp_path / "again", *overrides), tmp_path / "again"
+    )
+    assert cached[0].stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(again, scores)
+
+
 # ------------------------------------------------------------------------------ self-attribution
 # Tuned on the tiny model of `checkpoint` (measured over its 45 training images whose caption no
 # other image shares; ranks of the image itself among the 80, with its score over the best other):
@@ -368,7 +395,11 @@ def test_a_checkpoint_older_than_a_data_setting_was_trained_with_its_default(tmp
     "override,message",
     [
         ("method.params=everything", r"Unknown method.params='everything'. Options: kv: .*all: every UNet"),
-        ("method.update=adam", r"Unknown method.update='adam'; options: \('fisher', 'newton', 'sgd'\)"),
+        (
+            "method.update=adam",
+            r"Unknown method.update='adam'; options: \('fisher', 'newton', 'sgd', 'ekfac'\)",
+        ),
+        ("method.update=ekfac method.params=all", r"method.update=ekfac covers Linear layers only"),
     ],
 )
 def test_bad_method_settings_fail_before_any_work(
@@ -376,7 +407,7 @@ def test_bad_method_settings_fail_before_any_work(
 ) -> None:
     run_dir = tmp_path / "run"
     cfg = attribute_cfg(
-        checkpoint, world_overrides, run_dir, f"query.prompts=['{PROMPT}']", *FAST_METHOD, override
+        checkpoint, world_overrides, run_dir, f"query.prompts=['{PROMPT}']", *FAST_METHOD, *override.split()
     )
     with pytest.raises(InstantiationException, match=message) as error:  # Hydra wraps the constructor's
         run_attribution(cfg, run_dir)

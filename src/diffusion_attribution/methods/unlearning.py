@@ -1,7 +1,7 @@
 """`method=unlearning` (AbU, Wang et al. 2024): unlearn the query with a Fisher-preconditioned
 Newton step on a weight subset, then score every training example by how much its loss rose.
 
-prepare: the diagonal Fisher over the training set and the before-unlearning loss sweep, both cached
+prepare: the diagonal Fisher (or, with update=ekfac, the EK-FAC factors) over the training set and the before-unlearning loss sweep, both cached
 under `cache_dir` keyed by (model weights, data, config) and shared by every query and run.
 score: per query, unlearn from θ₀, sweep the training set again (in the run directory: a killed run
 resumes), put θ₀ back. Score = loss after − loss before, averaged over captions, max over flips.
@@ -20,6 +20,7 @@ import torch
 from ..data.base import CaptionedImageDataModule
 from ..data.queries import Query
 from ..models.pipeline import TextToImageModel
+from ..modules.ekfac import EKFAC, run_ekfac
 from ..modules.fisher import FisherDiagonal
 from ..modules.loss_sweep import FLIP_REDUCTIONS, unlearning_scores
 from ..modules.sharded_sweep import SweepConfig, run_fisher, run_loss_sweep
@@ -60,6 +61,11 @@ class UnlearningAttributor(Attributor):
             raise ValueError(f"Unknown method.params={params!r}. Options: {describe_subsets()}.")
         if update not in UPDATES:
             raise ValueError(f"Unknown method.update={update!r}; options: {UPDATES}.")
+        if update == "ekfac" and params == "all":
+            raise ValueError(
+                "method.update=ekfac covers Linear layers only, and method.params=all includes convolutions "
+                "and norms. Use method.params=kv, cross_attn or attn with ekfac, or method.update=fisher."
+            )
         if flip_reduction not in FLIP_REDUCTIONS:
             raise ValueError(f"Unknown method.flip_reduction={flip_reduction!r}; options: {FLIP_REDUCTIONS}.")
         self.params = params
@@ -108,9 +114,30 @@ class UnlearningAttributor(Attributor):
             ]
         )
         started = time.perf_counter()
-        self.fisher: FisherDiagonal | None = None
+        self.fisher: FisherDiagonal | EKFAC | None = None
         fisher_path = cache / "fisher" / f"{fisher_key}.safetensors"
-        if self.update != "sgd":
+        if self.update == "ekfac":
+            # the same draws as the diagonal Fisher, another file: keyed apart by the "ekfac" prefix
+            fisher_path = cache / "fisher" / f"ekfac-{fisher_key}.safetensors"
+            if fisher_path.is_file():
+                self.fisher = EKFAC.load(fisher_path)
+                log.info("EK-FAC factors loaded from %s", fisher_path)
+            else:
+                self.fisher = run_ekfac(
+                    model,
+                    datamodule.dataset,
+                    self.train_ids,
+                    self.params,
+                    cache / "fisher" / f"ekfac-{fisher_key}.shards",
+                    self.identity,
+                    batch_size=self.batch_size,
+                    seed=context.seed,
+                    samples_per_example=self.fisher_samples_per_example,
+                    trainer_kwargs=context.trainer_kwargs,
+                )
+                self.fisher.save(fisher_path)
+            self.fisher.validate(self.selected)
+        elif self.update != "sgd":
             if fisher_path.is_file():
                 self.fisher = FisherDiagonal.load(fisher_path)
                 log.info("Fisher loaded from %s", fisher_path)

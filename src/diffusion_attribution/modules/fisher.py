@@ -337,6 +337,42 @@ def _resolve_params(model: TextToImageModel, params: str | Mapping[str, torch.Te
     return select_parameters(model.unet, params) if isinstance(params, str) else dict(params)
 
 
+def training_loss_batches(
+    model: TextToImageModel,
+    dataset: CaptionedImageDataset,
+    work: Sequence[tuple[int, int]],
+    batch_size: int,
+    seed: int,
+    random_flip: bool,
+) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(chunk, noisy, timesteps, text states, target) batches of the training loss for (example id,
+    sample index) pairs, each drawn by `fisher_draw`: what the Fisher and its EK-FAC factors average."""
+    device = model.device
+    dtype = model.unet.dtype
+    num_timesteps = int(model.scheduler.config.num_train_timesteps)
+    for begin in range(0, len(work), batch_size):
+        chunk = list(work[begin : begin + batch_size])
+        pixels, captions, timesteps, noise = [], [], [], []
+        for example_id, sample_index in chunk:
+            num_captions = len(dataset.source.captions(example_id))
+            draw = fisher_draw(
+                seed, example_id, sample_index, num_captions, num_timesteps, model.latent_shape, random_flip
+            )
+            example = dataset.example(example_id, draw.caption_index, draw.flip)
+            pixels.append(example["pixel_values"])
+            captions.append(example["caption"])
+            timesteps.append(draw.timestep)
+            noise.append(draw.noise)
+        latents = model.encode_images(torch.stack(pixels).to(device, dtype))
+        noise_t = torch.stack(noise).to(device, latents.dtype)
+        t = torch.tensor(timesteps, dtype=torch.long, device=device)
+        with torch.no_grad():
+            noisy = model.add_noise(latents, noise_t, t)
+            target = model.target(latents, noise_t, t)
+            text_states = encode_captions(model, captions)
+        yield chunk, noisy, t, text_states, target
+
+
 def accumulate_fisher(
     model: TextToImageModel,
     dataset: CaptionedImageDataset,
@@ -363,33 +399,14 @@ def accumulate_fisher(
     selected = _resolve_params(model, params)
     flip = dataset.random_flip if random_flip is None else bool(random_flip)
     device = model.device
-    dtype = model.unet.dtype
-    num_timesteps = int(model.scheduler.config.num_train_timesteps)
     sums = {n: torch.zeros(p.shape, dtype=torch.float64, device=device) for n, p in selected.items()}
     work = [(int(i), s) for i in ids for s in range(samples_per_example)]
     started = time.perf_counter()
     bar = tqdm(total=len(work), desc="Fisher", unit="sample", disable=not progress)
     with evaluation_mode(model), vmap_friendly_attention(model.unet):
-        for begin in range(0, len(work), batch_size):
-            chunk = work[begin : begin + batch_size]
-            pixels, captions, timesteps, noise = [], [], [], []
-            for example_id, sample_index in chunk:
-                num_captions = len(dataset.source.captions(example_id))
-                draw = fisher_draw(
-                    seed, example_id, sample_index, num_captions, num_timesteps, model.latent_shape, flip
-                )
-                example = dataset.example(example_id, draw.caption_index, draw.flip)
-                pixels.append(example["pixel_values"])
-                captions.append(example["caption"])
-                timesteps.append(draw.timestep)
-                noise.append(draw.noise)
-            latents = model.encode_images(torch.stack(pixels).to(device, dtype))
-            noise_t = torch.stack(noise).to(device, latents.dtype)
-            t = torch.tensor(timesteps, dtype=torch.long, device=device)
-            with torch.no_grad():
-                noisy = model.add_noise(latents, noise_t, t)
-                target = model.target(latents, noise_t, t)
-                text_states = encode_captions(model, captions)
+        for chunk, noisy, t, text_states, target in training_loss_batches(
+            model, dataset, work, batch_size, seed, flip
+        ):
             args = (model.unet, selected, noisy, t, text_states, target)
             if method == "auto":
                 try:

@@ -32,6 +32,57 @@ def linear_owners(
     return owners
 
 
+def capture_linear_io(
+    unet: nn.Module,
+    modules: Mapping[str, nn.Linear],
+    wrt: list[torch.Tensor],
+    per_example_loss: Callable[[], torch.Tensor],
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per module name, the (input a, output gradient g) of every call of that Linear layer during
+    one forward (`per_example_loss()`, returning [B] values) and the backward of their sum.
+
+    `wrt` are the tensors the backward is taken for (the selected weights): only they track
+    gradients, so the backward stops where nothing needs it.
+    """
+    inputs: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
+    grads: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
+
+    def hook_for(key: str) -> Callable[..., None]:
+        def forward_hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            inputs[key].append(args[0].detach())
+            output.register_hook(lambda g: grads[key].append(g.detach()))
+
+        return forward_hook
+
+    handles = [m.register_forward_hook(hook_for(k)) for k, m in modules.items()]
+    flags = {p: p.requires_grad for p in unet.parameters()}
+    try:
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        for p in wrt:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            losses = per_example_loss()
+            torch.autograd.grad(losses.sum(), wrt)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    out = {}
+    for key in modules:
+        calls_in, calls_grad = inputs[key], list(reversed(grads[key]))  # gradients arrive last call first
+        if len(calls_in) != len(calls_grad):
+            raise RuntimeError("A selected Linear layer's output did not receive a gradient on every call.")
+        out[key] = list(zip(calls_in, calls_grad, strict=True))
+    return out
+
+
+def tokens(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A Linear layer's input or output gradient as [B, tokens, features]."""
+    return x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
+
+
 def linear_per_sample_grads(
     unet: nn.Module,
     params: Mapping[str, torch.Tensor],
@@ -44,42 +95,13 @@ def linear_per_sample_grads(
     owners = linear_owners(unet, params)
     if owners is None:
         raise ValueError("Per-sample Linear gradients need parameters of nn.Linear layers only.")
-    modules = {id(m): m for m, _ in owners.values()}
-    inputs: dict[int, list[torch.Tensor]] = {k: [] for k in modules}
-    grads: dict[int, list[torch.Tensor]] = {k: [] for k in modules}
-
-    def forward_hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        key = id(module)
-        inputs[key].append(args[0].detach())
-        output.register_hook(lambda g: grads[key].append(g.detach()))
-
-    handles = [m.register_forward_hook(forward_hook) for m in modules.values()]
-    # Only the selected weights track gradients: the backward stops where nothing needs it.
-    flags = {p: p.requires_grad for p in unet.parameters()}
-    selected = [params[n] for n in owners]
-    try:
-        for p in unet.parameters():
-            p.requires_grad_(False)
-        for p in selected:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            losses = per_example_loss()
-            torch.autograd.grad(losses.sum(), selected)
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-
-    per_module: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key in modules:
-        calls_in, calls_grad = inputs[key], list(reversed(grads[key]))  # gradients arrive last call first
-        if len(calls_in) != len(calls_grad):
-            raise RuntimeError("A selected Linear layer's output did not receive a gradient on every call.")
+    modules = {str(id(m)): m for m, _ in owners.values()}
+    calls = capture_linear_io(unet, modules, [params[n] for n in owners], per_example_loss)
+    per_module: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, pairs in calls.items():
         weight_grad, bias_grad = None, None
-        for a, g in zip(calls_in, calls_grad, strict=True):
-            a3 = a.reshape(a.shape[0], -1, a.shape[-1]).to(dtype)
-            g3 = g.reshape(g.shape[0], -1, g.shape[-1]).to(dtype)
+        for a, g in pairs:
+            a3, g3 = tokens(a, dtype), tokens(g, dtype)
             w = torch.einsum("bno,bni->boi", g3, a3)
             b = g3.sum(1)
             weight_grad = w if weight_grad is None else weight_grad + w
@@ -87,7 +109,7 @@ def linear_per_sample_grads(
         per_module[key] = (weight_grad, bias_grad)  # type: ignore[assignment]
     out = {}
     for name, (module, attr) in owners.items():
-        weight_grad, bias_grad = per_module[id(module)]
+        weight_grad, bias_grad = per_module[str(id(module))]
         out[name] = weight_grad if attr == "weight" else bias_grad
     return out
 

@@ -14,6 +14,8 @@ Update rules (`update=`):
   zero among the selected weights is an error (the step would be infinite).
 - "sgd": θ ← θ + α · g, plain gradient ascent without the Fisher (the ablation that performs at
   chance); `fisher` may be None.
+- "ekfac": the "fisher" step taken in the eigenbasis of a Kronecker-factored Fisher with corrected
+  eigenvalues (AbU+; `fisher` is an `EKFAC` from `modules/ekfac.py`, Linear-layer subsets only).
 
 The query loss is estimated from `num_samples` (timestep, noise) pairs keyed by (seed, step, sample
 index), the timesteps stratified over [0, T) (see `query_draws`). Each step draws fresh pairs; the
@@ -35,6 +37,7 @@ from torch.func import functional_call, grad_and_value
 from ..methods.weight_subsets import select_parameters
 from ..models.pipeline import TextToImageModel
 from ..utils.seeding import keyed_generator
+from .ekfac import EKFAC
 from .fisher import (
     FisherDiagonal,
     FisherError,
@@ -45,7 +48,7 @@ from .fisher import (
 )
 
 QUERY_STREAM = 5_162_017
-UPDATES = ("fisher", "newton", "sgd")
+UPDATES = ("fisher", "newton", "sgd", "ekfac")
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -230,11 +233,16 @@ def inverse_preconditioner(
     num_train: float | None,
     damping: float,
 ) -> dict[str, torch.Tensor] | None:
-    """Per-weight step scale: 1 / (N (F + λ)) for fisher, 1 / (N F) for newton, None for sgd."""
+    """Per-weight step scale: 1 / (N (F + λ)) for fisher, 1 / (N F) for newton, None for sgd (and
+    for ekfac, whose step is not per weight: see `preconditioned_direction`)."""
     if update not in UPDATES:
         raise ValueError(f"Unknown unlearning update {update!r}; options: {UPDATES}.")
-    if update == "sgd":
+    if update in ("sgd", "ekfac"):
         return None
+    if isinstance(fisher, EKFAC):
+        raise ValueError(
+            f"update={update!r} takes the diagonal Fisher; EK-FAC factors go with update='ekfac'."
+        )
     if fisher is None:
         raise ValueError(f"update={update!r} needs a Fisher; compute one with compute_fisher, or use 'sgd'.")
     fisher.validate(params)
@@ -284,11 +292,20 @@ class UnlearningRecord:
         return asdict(self)
 
 
+def _ekfac_for(fisher: FisherDiagonal | EKFAC | None, params: Mapping[str, torch.Tensor]) -> EKFAC:
+    if not isinstance(fisher, EKFAC):
+        raise ValueError(
+            "update='ekfac' needs EK-FAC factors (modules/ekfac.py: compute_ekfac or run_ekfac), not "
+            f"{type(fisher).__name__}."
+        )
+    return fisher.validate(params)
+
+
 def unlearn(
     model: TextToImageModel,
     latents: torch.Tensor,
     captions: str | Sequence[str],
-    fisher: FisherDiagonal | None,
+    fisher: FisherDiagonal | EKFAC | None,
     params: str | Mapping[str, torch.Tensor] = "kv",
     steps: int = 1,
     step_size: float = 0.01,
@@ -308,8 +325,9 @@ def unlearn(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
     selected = select_parameters(model.unet, params) if isinstance(params, str) else dict(params)
-    scale = inverse_preconditioner(fisher, selected, update, num_train, damping)
-    if scale is not None and num_train is None:
+    scale = inverse_preconditioner(fisher, selected, update, num_train, damping)  # type: ignore[arg-type]
+    ekfac = _ekfac_for(fisher, selected) if update == "ekfac" else None
+    if update != "sgd" and num_train is None:
         num_train = float(fisher.metadata["num_examples"])  # type: ignore[union-attr]
     latents = prepare_query(model, latents)
     prepare_mask(mask, model.latent_shape)
@@ -330,6 +348,8 @@ def unlearn(
             stratified=stratified,
         )
         step_losses.append(loss)
+        if ekfac is not None:
+            gradient = ekfac.precondition(gradient, float(num_train), damping)  # type: ignore[arg-type]
         with torch.no_grad():
             for name, param in selected.items():
                 direction = gradient[name] if scale is None else gradient[name] * scale[name]
@@ -348,7 +368,7 @@ def unlearn(
         step_size=step_size,
         num_samples=num_samples,
         num_train=num_train,
-        damping=damping if update == "fisher" else 0.0,
+        damping=damping if update in ("fisher", "ekfac") else 0.0,
         loss_before=step_losses[0],
         loss_after=loss_after,
         step_losses=step_losses,

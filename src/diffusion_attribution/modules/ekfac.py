@@ -1,0 +1,472 @@
+"""EK-FAC: an eigenvalue-corrected Kronecker-factored Fisher for the unlearning step (AbU+).
+
+The diagonal Fisher treats every weight on its own. For a Linear layer y = W a (+ b) applied to
+tokens, K-FAC approximates the layer's Fisher block by A ⊗ G, A = E[a aᵀ] over input tokens and
+G = E[g gᵀ] over output gradients, whose eigenvectors Q_A, Q_G give a basis in which the Fisher is
+nearly diagonal. EK-FAC (George et al. 2018; used by the authors' follow-up, FastGDA, as AbU+) keeps
+that basis and replaces the Kronecker eigenvalues by the exact second moments of the per-sample
+gradients rotated into it: Λ_ij = E_n[(Q_Gᵀ ∇W_n Q_A)_ij²]. The unlearning step is then
+
+    ΔW = α · Q_G [ (Q_Gᵀ ∇W L(ẑ) Q_A) / (N (Λ + λ)) ] Q_Aᵀ,   λ = damping · mean(Λ),
+
+the diagonal update of `unlearning.py` taken in the eigenbasis. With Q_A, Q_G = I it is exactly the
+diagonal Fisher (a test checks this). A selected bias joins its weight as one more input column
+(a ← [a, 1]).
+
+Two passes over the training set, with the Fisher's own keyed draws (`fisher_draw`): the factors
+A and G, then the eigenvalues in their eigenbasis. Both are sums written per shard through
+`run_sharded` (a killed run resumes; shards add up in order, so the result does not depend on batch
+size or the number of processes). Only Linear layers are supported: the subsets kv, cross_attn and
+attn; `all` (convolutions, norms) keeps the diagonal Fisher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.base import CaptionedImageDataset
+from ..methods.weight_subsets import select_parameters
+from ..models.pipeline import TextToImageModel
+from .fisher import FisherError, evaluation_mode, squared_error, training_loss_batches
+from .linear_grads import capture_linear_io, tokens
+from .sharded_sweep import run_sharded
+
+logger = logging.getLogger(__name__)
+
+METADATA_KEY = "diffusion_attribution.ekfac"
+
+
+@dataclass(frozen=True)
+class LinearBlock:
+    """One Linear layer of the selection: its module path and the names of its selected weights."""
+
+    module: str
+    weight: str
+    bias: str | None
+
+    @property
+    def names(self) -> list[str]:
+        return [self.weight] + ([self.bias] if self.bias else [])
+
+
+def linear_blocks(unet: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, LinearBlock]:
+    """The selected parameters grouped by their Linear layer (module path -> block), in model order.
+    Raises ValueError, naming them, if some selected parameters are not a Linear layer's weight or
+    bias, or a bias is selected without its weight."""
+    weights: dict[str, str] = {}
+    biases: dict[str, str] = {}
+    other = []
+    for name in params:
+        module_name, _, attr = name.rpartition(".")
+        module = unet.get_submodule(module_name) if module_name else unet
+        if isinstance(module, nn.Linear) and attr == "weight":
+            weights[module_name] = name
+        elif isinstance(module, nn.Linear) and attr == "bias":
+            biases[module_name] = name
+        else:
+            other.append(name)
+    if other:
+        raise ValueError(
+            f"EK-FAC covers Linear layers only, but {len(other)} selected parameters are not a Linear "
+            f"layer's weight or bias (e.g. {other[:3]}). Use method.params=kv, cross_attn or attn with "
+            "method.update=ekfac, or method.update=fisher (the diagonal Fisher) for these weights."
+        )
+    orphans = sorted(set(biases) - set(weights))
+    if orphans:
+        raise ValueError(f"EK-FAC needs each selected bias's weight selected too; missing for {orphans[:3]}.")
+    return {m: LinearBlock(m, w, biases.get(m)) for m, w in weights.items()}
+
+
+def _block_inputs(a: torch.Tensor, block: LinearBlock) -> torch.Tensor:
+    """A layer's input tokens [B, n, I] (float64), with a column of ones when its bias is selected."""
+    a3 = tokens(a, torch.float64)
+    if block.bias is None:
+        return a3
+    return torch.cat([a3, torch.ones_like(a3[..., :1])], dim=-1)
+
+
+def _gradient_matrix(gradients: Mapping[str, torch.Tensor], block: LinearBlock) -> torch.Tensor:
+    """The block's gradient as one [O, I(+1)] matrix (bias as the last column)."""
+    weight = gradients[block.weight].double()
+    if block.bias is None:
+        return weight
+    return torch.cat([weight, gradients[block.bias].double()[:, None]], dim=1)
+
+
+def _per_sample_matrices(calls: list[tuple[torch.Tensor, torch.Tensor]], block: LinearBlock) -> torch.Tensor:
+    """Exact per-example gradients [B, O, I(+1)] of the block from its captured calls."""
+    total = None
+    for a, g in calls:
+        part = torch.einsum("bno,bni->boi", tokens(g, torch.float64), _block_inputs(a, block))
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _capture(
+    model: TextToImageModel,
+    blocks: Mapping[str, LinearBlock],
+    params: Mapping[str, torch.Tensor],
+    noisy: torch.Tensor,
+    t: torch.Tensor,
+    text_states: torch.Tensor,
+    target: torch.Tensor,
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    modules = {m: model.unet.get_submodule(m) for m in blocks}
+    wrt = [params[block.weight] for block in blocks.values()]
+
+    def per_example_loss() -> torch.Tensor:
+        return squared_error(model.predict(noisy, t, text_states), target)
+
+    return capture_linear_io(model.unet, modules, wrt, per_example_loss)
+
+
+def _work(ids: Sequence[int], samples_per_example: int) -> list[tuple[int, int]]:
+    if samples_per_example < 1:
+        raise ValueError("samples_per_example must be at least 1.")
+    return [(int(i), s) for i in ids for s in range(samples_per_example)]
+
+
+def accumulate_factors(
+    model: TextToImageModel,
+    dataset: CaptionedImageDataset,
+    ids: Sequence[int],
+    params: str | Mapping[str, torch.Tensor] = "kv",
+    batch_size: int = 64,
+    seed: int = 0,
+    samples_per_example: int = 1,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Pass 1 over `ids`: per layer the sums of a aᵀ over input tokens ("A.<module>") and of g gᵀ
+    over output-gradient tokens ("G.<module>"), float64, and the number of samples ("count")."""
+    selected = select_parameters(model.unet, params) if isinstance(params, str) else dict(params)
+    blocks = linear_blocks(model.unet, selected)
+    work = _work(ids, samples_per_example)
+    sums: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(work), desc="EK-FAC factors", unit="sample", disable=not progress)
+    with evaluation_mode(model):
+        for chunk, *batch in training_loss_batches(
+            model, dataset, work, batch_size, seed, dataset.random_flip
+        ):
+            calls = _capture(model, blocks, selected, *batch)
+            for module, block in blocks.items():
+                for a, g in calls[module]:
+                    a3 = _block_inputs(a, block).flatten(0, 1)
+                    g3 = tokens(g, torch.float64).flatten(0, 1)
+                    for key, rows in ((f"A.{module}", a3), (f"G.{module}", g3)):
+                        value = rows.T @ rows
+                        sums[key] = value if key not in sums else sums[key] + value
+            bar.update(len(chunk))
+    bar.close()
+    sums["count"] = torch.tensor(len(work), dtype=torch.float64)
+    return sums
+
+
+def eigenbases(factor_sums: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (Q_A, Q_G), the eigenvectors (float64 columns) of each layer's summed factors."""
+    bases = {}
+    for key in factor_sums:
+        if key.startswith("A."):
+            module = key[2:]
+            q_in = torch.linalg.eigh(factor_sums[key].double()).eigenvectors
+            q_out = torch.linalg.eigh(factor_sums[f"G.{module}"].double()).eigenvectors
+            bases[module] = (q_in, q_out)
+    return bases
+
+
+def accumulate_eigenvalues(
+    model: TextToImageModel,
+    dataset: CaptionedImageDataset,
+    ids: Sequence[int],
+    params: str | Mapping[str, torch.Tensor],
+    bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int = 64,
+    seed: int = 0,
+    samples_per_example: int = 1,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Pass 2 over `ids`: per layer Σ_n (Q_Gᵀ ∇W_n Q_A)² ("L.<module>", float64) and "count"."""
+    selected = select_parameters(model.unet, params) if isinstance(params, str) else dict(params)
+    blocks = linear_blocks(model.unet, selected)
+    missing = sorted(set(blocks) - set(bases))
+    if missing:
+        raise ValueError(f"No eigenbasis for {missing[:3]}: compute the factors for the same weights first.")
+    device = model.device
+    rotations = {m: (q_in.to(device), q_out.to(device)) for m, (q_in, q_out) in bases.items()}
+    work = _work(ids, samples_per_example)
+    sums: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(work), desc="EK-FAC eigenvalues", unit="sample", disable=not progress)
+    with evaluation_mode(model):
+        for chunk, *batch in training_loss_batches(
+            model, dataset, work, batch_size, seed, dataset.random_flip
+        ):
+            calls = _capture(model, blocks, selected, *batch)
+            for module, block in blocks.items():
+                q_in, q_out = rotations[module]
+                rotated = q_out.T @ _per_sample_matrices(calls[module], block) @ q_in
+                value = rotated.pow(2).sum(0)
+                key = f"L.{module}"
+                sums[key] = value if key not in sums else sums[key] + value
+            bar.update(len(chunk))
+    bar.close()
+    sums["count"] = torch.tensor(len(work), dtype=torch.float64)
+    return sums
+
+
+# ------------------------------------------------------------------------------------- factors
+@dataclass
+class EKFAC:
+    """Per Linear layer (module path): eigenbases q_in [I', I'], q_out [O, O] and corrected eigenvalues
+    [O, I'] (I' = I, or I + 1 when the bias is selected), with the parameter names they cover."""
+
+    blocks: dict[str, LinearBlock]
+    q_in: dict[str, torch.Tensor]
+    q_out: dict[str, torch.Tensor]
+    eigenvalues: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for block in self.blocks.values() for name in block.names]
+
+    def mean(self) -> float:
+        """Mean eigenvalue over every entry of every layer (the scale `damping` is relative to)."""
+        total = sum(float(v.double().sum()) for v in self.eigenvalues.values())
+        return total / sum(v.numel() for v in self.eigenvalues.values())
+
+    def validate(self, params: Mapping[str, torch.Tensor] | None = None) -> EKFAC:
+        """Raise FisherError unless the eigenvalues are finite, non-negative and not all zero; with
+        `params`, also unless the factors cover exactly those weights, with matching shapes."""
+        if not self.blocks:
+            raise FisherError("The EK-FAC factors are empty: compute them for the weight subset.")
+        for module, value in self.eigenvalues.items():
+            if not bool(torch.isfinite(value).all()):
+                raise FisherError(
+                    f"The EK-FAC eigenvalues of {module} hold NaN/inf: the model or its loss overflowed. "
+                    "Check the checkpoint for NaN, compute in float32, then recompute (delete the cached file)."
+                )
+            if bool((value < 0).any()):
+                raise FisherError(f"The EK-FAC eigenvalues of {module} are negative: the file is corrupt.")
+        if all(not bool(v.any()) for v in self.eigenvalues.values()):
+            raise FisherError(
+                "Every EK-FAC eigenvalue is zero: the training loss does not depend on the selected weights."
+            )
+        if params is not None:
+            if sorted(self.names) != sorted(params):
+                raise FisherError(
+                    "The EK-FAC factors were computed for other weights "
+                    f"({len(self.names)} tensors, not the {len(params)} selected). Recompute them with the "
+                    "same weight subset and model as the unlearning."
+                )
+            for module, block in self.blocks.items():
+                rows, cols = params[block.weight].shape
+                expected = (rows, cols + (block.bias is not None))
+                if tuple(self.eigenvalues[module].shape) != expected:
+                    raise FisherError(
+                        f"EK-FAC shapes differ from the model's for {module}: it belongs to another "
+                        "architecture. Recompute it for this checkpoint."
+                    )
+        return self
+
+    def precondition(
+        self, gradients: Mapping[str, torch.Tensor], num_train: float, damping: float
+    ) -> dict[str, torch.Tensor]:
+        """Q_G [(Q_Gᵀ ∇ Q_A) / (N (Λ + λ))] Q_Aᵀ per layer, λ = damping · mean(Λ); float32, by name."""
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}.")
+        lam = damping * self.mean()
+        out: dict[str, torch.Tensor] = {}
+        for module, block in self.blocks.items():
+            matrix = _gradient_matrix(gradients, block)
+            device = matrix.device
+            q_in, q_out = (
+                self.q_in[module].to(device, torch.float64),
+                self.q_out[module].to(device, torch.float64),
+            )
+            eigen = self.eigenvalues[module].to(device, torch.float64)
+            step = q_out @ ((q_out.T @ matrix @ q_in) / (float(num_train) * (eigen + lam))) @ q_in.T
+            if block.bias is None:
+                out[block.weight] = step.float()
+            else:
+                out[block.weight], out[block.bias] = step[:, :-1].float(), step[:, -1].float()
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for module in self.blocks:
+            tensors[f"q_in.{module}"] = self.q_in[module].double().contiguous()
+            tensors[f"q_out.{module}"] = self.q_out[module].double().contiguous()
+            tensors[f"eigenvalues.{module}"] = self.eigenvalues[module].double().contiguous()
+        blocks = [[b.module, b.weight, b.bias] for b in self.blocks.values()]
+        header = {"metadata": self.metadata, "blocks": blocks}
+        save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(header, default=str)})
+        path.with_suffix(".json").write_text(json.dumps(header, indent=2, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> EKFAC:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"No EK-FAC file at {path}. Compute one with compute_ekfac(...).save(path)."
+            )
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            header = json.loads((handle.metadata() or {})[METADATA_KEY])
+            blocks = {m: LinearBlock(m, w, b) for m, w, b in header["blocks"]}
+            q_in = {m: handle.get_tensor(f"q_in.{m}") for m in blocks}
+            q_out = {m: handle.get_tensor(f"q_out.{m}") for m in blocks}
+            eigenvalues = {m: handle.get_tensor(f"eigenvalues.{m}") for m in blocks}
+        return cls(blocks, q_in, q_out, eigenvalues, header["metadata"])
+
+
+def _finalize(
+    blocks: dict[str, LinearBlock],
+    bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    eigen_sums: Mapping[str, torch.Tensor],
+    metadata: dict[str, Any],
+) -> EKFAC:
+    count = float(eigen_sums["count"])
+    if count <= 0:
+        raise FisherError("No examples went into the EK-FAC factors: pass a non-empty list of ids.")
+    return EKFAC(
+        blocks,
+        {m: bases[m][0] for m in blocks},
+        {m: bases[m][1] for m in blocks},
+        {m: eigen_sums[f"L.{m}"] / count for m in blocks},
+        {**metadata, "num_samples": int(count)},
+    ).validate()
+
+
+def compute_ekfac(
+    model: TextToImageModel,
+    dataset: CaptionedImageDataset,
+    ids: Sequence[int] | None = None,
+    subset: str = "kv",
+    batch_size: int = 64,
+    seed: int = 0,
+    samples_per_example: int = 1,
+    progress: bool = True,
+) -> EKFAC:
+    """EK-FAC over `ids` (default: the dataset's kept ids) in this process (see `run_ekfac` for the
+    sharded, resumable, multi-process version, which gives the same numbers)."""
+    ids = [int(i) for i in (dataset.ids if ids is None else ids)]
+    selected = select_parameters(model.unet, subset)
+    blocks = linear_blocks(model.unet, selected)
+    args = (model, dataset, ids, selected)
+    kwargs = {"batch_size": batch_size, "seed": seed, "samples_per_example": samples_per_example}
+    bases = eigenbases(accumulate_factors(*args, **kwargs, progress=progress))
+    eigen_sums = accumulate_eigenvalues(*args, bases, **kwargs, progress=progress)
+    metadata = _metadata(model, dataset, subset, seed, samples_per_example, len(ids))
+    return _finalize(blocks, bases, eigen_sums, metadata)
+
+
+def _metadata(
+    model: TextToImageModel,
+    dataset: CaptionedImageDataset,
+    subset: str,
+    seed: int,
+    samples_per_example: int,
+    num_examples: int,
+) -> dict[str, Any]:
+    return {
+        "subset": subset,
+        "seed": seed,
+        "samples_per_example": samples_per_example,
+        "num_examples": num_examples,
+        "random_flip": dataset.random_flip,
+        "prediction_type": model.prediction_type,
+        "preconditioner": "ekfac",
+    }
+
+
+def _sum_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    total: dict[str, torch.Tensor] = {}
+    for shard in shards:  # in shard order: the float64 sum does not depend on who computed what
+        for key, value in shard.items():
+            total[key] = value.double() if key not in total else total[key] + value.double()
+    return total
+
+
+def run_ekfac(
+    model: TextToImageModel,
+    dataset: CaptionedImageDataset,
+    ids: Sequence[int] | np.ndarray,
+    subset: str,
+    out_dir: str | Path,
+    identity: dict[str, Any],
+    batch_size: int = 64,
+    seed: int = 0,
+    samples_per_example: int = 1,
+    shard_size: int = 512,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> EKFAC:
+    """EK-FAC over `ids` in two sharded passes (`<out_dir>/factors`, `<out_dir>/eigenvalues`), each
+    resumable and split over processes by the trainer; the same numbers as `compute_ekfac`."""
+    out_dir = Path(out_dir)
+    ids = np.asarray(ids, dtype=np.int64)
+    selected = select_parameters(model.unet, subset)
+    blocks = linear_blocks(model.unet, selected)
+    kwargs = {"batch_size": batch_size, "seed": seed, "samples_per_example": samples_per_example}
+    config = {"subset": subset, **kwargs}
+    config.pop("batch_size")
+    # Lightning predicts under inference_mode, in which the backward pass of the hooks cannot run.
+    trainer_kwargs = {**(trainer_kwargs or {}), "inference_mode": False}
+    started = time.perf_counter()
+
+    def factor_shard(shard_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        return accumulate_factors(model, dataset, shard_ids.tolist(), selected, **kwargs, progress=False)
+
+    factor_identity = {**identity, "ekfac": {**config, "pass": "factors"}}
+    factors = _sum_shards(
+        run_sharded(
+            model,
+            factor_shard,
+            ids,
+            out_dir / "factors",
+            factor_identity,
+            shard_size,
+            trainer_kwargs,
+            "EK-FAC factors",
+        )
+    )
+    bases = eigenbases(factors)
+
+    def eigen_shard(shard_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        return accumulate_eigenvalues(
+            model, dataset, shard_ids.tolist(), selected, bases, **kwargs, progress=False
+        )
+
+    eigen_identity = {**identity, "ekfac": {**config, "pass": "eigenvalues"}}
+    eigen_sums = _sum_shards(
+        run_sharded(
+            model,
+            eigen_shard,
+            ids,
+            out_dir / "eigenvalues",
+            eigen_identity,
+            shard_size,
+            trainer_kwargs,
+            "EK-FAC eigenvalues",
+        )
+    )
+    logger.info("EK-FAC over %d examples in %.1f s", len(ids), time.perf_counter() - started)
+    metadata = {
+        **_metadata(model, dataset, subset, seed, samples_per_example, len(ids)),
+        "identity": identity,
+    }
+    return _finalize(blocks, bases, eigen_sums, metadata)
