@@ -129,9 +129,9 @@ def main() -> None:
         "--grid",
         nargs="*",
         default=["1,0.0003,10", "1,0.001,10", "1,0.003,10", "3,0.001,10", "1,0.001,5"],
-        help="unlearning settings 'steps,step_size,num_timesteps[,damping[,params]]' with N = the pool size "
-        "(the update depends on step_size / N only, so N is not a separate axis); damping defaults to 0.1, "
-        "params (the unlearned weight subset) to kv",
+        help="unlearning settings 'steps,step_size,num_timesteps[,damping[,params[,update]]]' with N = the pool "
+        "size (the update depends on step_size / N only, so N is not a separate axis); damping defaults to "
+        "0.1, params (the unlearned weight subset) to kv, update to fisher (or ekfac)",
     )
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -190,6 +190,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
     from diffusion_attribution.methods.weight_subsets import select_parameters
     from diffusion_attribution.models.pipeline import TextToImageModel
     from diffusion_attribution.models.sampling import generate
+    from diffusion_attribution.modules.ekfac import compute_ekfac
     from diffusion_attribution.modules.fisher import compute_fisher
     from diffusion_attribution.modules.loss_sweep import per_sample_losses, unlearning_scores
     from diffusion_attribution.modules.unlearning import preserved_parameters, unlearn
@@ -198,7 +199,9 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
     for point in args.grid:
         steps, alpha, num_t, *rest = point.split(",")
         damping = float(rest[0]) if rest else 0.1
-        grid.append((int(steps), float(alpha), int(num_t), damping, rest[1] if len(rest) > 1 else "kv"))
+        params = rest[1] if len(rest) > 1 else "kv"
+        update = rest[2] if len(rest) > 2 else "fisher"
+        grid.append((int(steps), float(alpha), int(num_t), damping, params, update))
     results = []
     for concept in args.calibrate:
         model = TextToImageModel.from_pretrained(root / concept / "model").eval()
@@ -209,10 +212,13 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
         others = sorted(rng.choice(exemplars[0], args.calibration_distractors, replace=False).tolist())
         ids = others + exemplars
         started = time.perf_counter()
-        # The Fisher over the whole pool, as attribute.py computes it, per unlearned weight subset.
+        # The Fisher (or EK-FAC) over the whole pool, as attribute.py computes it, per weight subset.
+        compute = {"fisher": compute_fisher, "ekfac": compute_ekfac}
         fishers = {
-            params: compute_fisher(model, datamodule.dataset, subset=params, batch_size=64, progress=False)
-            for params in sorted({g[4] for g in grid})
+            (params, update): compute[update](
+                model, datamodule.dataset, subset=params, batch_size=64, progress=False
+            )
+            for params, update in sorted({g[4:] for g in grid})
         }
         fisher_s = time.perf_counter() - started
         num_t = int(model.scheduler.config.num_train_timesteps)
@@ -226,9 +232,9 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
         samples = generate(model, [p for p, _ in prompts], [s for _, s in prompts], **settings.sampler)
         target = [np.arange(len(others), len(ids))]
         num_train = float(datamodule.num_examples)
-        for steps, step_size, num_t, damping, params in grid:
+        for steps, step_size, num_t, damping, params, update in grid:
             point_started = time.perf_counter()
-            selected, fisher = select_parameters(model.unet, params), fishers[params]
+            selected, fisher = select_parameters(model.unet, params), fishers[(params, update)]
             aps, recalls, increases = [], [], []
             for q, (prompt, _) in enumerate(prompts):
                 with preserved_parameters(selected):
@@ -243,6 +249,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                         num_samples=64 if steps > 1 else 256,
                         num_train=num_train,
                         damping=damping,
+                        update=update,
                         seed=0,
                     )
                     after = per_sample_losses(model, dataset, ids, grids[num_t], [0], [False], batch_size=64)
@@ -259,6 +266,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                 "num_timesteps": num_t,
                 "damping": damping,
                 "params": params,
+                "update": update,
                 "ap": float(np.mean(aps)),
                 "recall@10": float(np.mean(recalls)),
                 "query_loss_increase": float(np.mean(increases)),

@@ -112,7 +112,8 @@ def main() -> None:
         help="per concept, the same prompt but the first seed from --seeds[0] on (24 tries) whose image "
         "the attribute reader sees the asked concept in (a query without its concept has no ground truth)",
     )
-    # Everything after "--" goes to attribute.py for the unlearning run (e.g. method.damping=1).
+    # Everything after "--" goes to attribute.py for the unlearning runs (method=unlearning*, e.g.
+    # method.damping=1).
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -134,7 +135,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     for method in args.methods:
         run_dir = out / method
-        extra = args.overrides if method == "unlearning" else []
+        extra = args.overrides if method.startswith("unlearning") else []
         wall = run(
             [
                 "attribute.py",
@@ -252,11 +253,11 @@ def summary_lines(
             + " | ".join(cells)
             + " |"
         )
-    if "unlearning" in results:
-        ranking = results["unlearning"]["ranking"]
+    for method in (m for m in results if m.startswith("unlearning")):
+        ranking = results[method]["ranking"]
         lines += [
             "",
-            "Unlearning, per query: the query's own loss before -> after, the mean loss change over the training"
+            f"{method}, per query: the query's own loss before -> after, the mean loss change over the training"
             " set (retention: should be far below the top-10 change), the mean change of the top 10, seconds.",
             "",
             "| query | query loss | mean train Δloss | top-10 Δloss | s |",
@@ -270,10 +271,10 @@ def summary_lines(
             )
         timing = ranking["timing"]
         lines.append(
-            f"\nUnlearning timing: prepare (Fisher + before-sweep, cached per model) {timing['prepare_s']:.1f} s, "
+            f"\n{method} timing: prepare (Fisher + before-sweep, cached per model) {timing['prepare_s']:.1f} s, "
             f"scoring {timing['score_s']:.1f} s for {len(ranking['queries'])} queries "
             f"({timing['score_s'] / len(ranking['queries']):.1f} s per query); whole attribute.py run "
-            f"{results['unlearning']['wall_s']:.1f} s."
+            f"{results[method]['wall_s']:.1f} s."
         )
     return lines
 
