@@ -115,40 +115,25 @@ class UnlearningAttributor(Attributor):
         )
         started = time.perf_counter()
         self.fisher: FisherDiagonal | EKFAC | None = None
-        fisher_path = cache / "fisher" / f"{fisher_key}.safetensors"
-        if self.update == "ekfac":
-            # the same draws as the diagonal Fisher, another file: keyed apart by the "ekfac" prefix
-            fisher_path = cache / "fisher" / f"ekfac-{fisher_key}.safetensors"
+        # EK-FAC uses the diagonal Fisher's draws but is another file: keyed apart by its prefix.
+        stem = f"ekfac-{fisher_key}" if self.update == "ekfac" else fisher_key
+        fisher_path = cache / "fisher" / f"{stem}.safetensors"
+        if self.update != "sgd":
+            kind, load, compute = (
+                ("EK-FAC factors", EKFAC.load, run_ekfac)
+                if self.update == "ekfac"
+                else ("Fisher", FisherDiagonal.load, run_fisher)
+            )
             if fisher_path.is_file():
-                self.fisher = EKFAC.load(fisher_path)
-                log.info("EK-FAC factors loaded from %s", fisher_path)
+                self.fisher = load(fisher_path)
+                log.info("%s loaded from %s", kind, fisher_path)
             else:
-                self.fisher = run_ekfac(
+                self.fisher = compute(
                     model,
-                    datamodule.dataset,
+                    datamodule.dataset,  # the model's training set (exclusions applied)
                     self.train_ids,
                     self.params,
-                    cache / "fisher" / f"ekfac-{fisher_key}.shards",
-                    self.identity,
-                    batch_size=self.batch_size,
-                    seed=context.seed,
-                    samples_per_example=self.fisher_samples_per_example,
-                    trainer_kwargs=context.trainer_kwargs,
-                )
-                self.fisher.save(fisher_path)
-            self.fisher.validate(self.selected)
-        elif self.update != "sgd":
-            if fisher_path.is_file():
-                self.fisher = FisherDiagonal.load(fisher_path)
-                log.info("Fisher loaded from %s", fisher_path)
-            else:
-                train_dataset = datamodule.dataset  # the model's training set (exclusions applied)
-                self.fisher = run_fisher(
-                    model,
-                    train_dataset,
-                    self.train_ids,
-                    self.params,
-                    cache / "fisher" / f"{fisher_key}.shards",
+                    cache / "fisher" / f"{stem}.shards",
                     self.identity,
                     batch_size=self.batch_size,
                     seed=context.seed,
