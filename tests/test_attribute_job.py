@@ -263,6 +263,7 @@ def test_ekfac_update_runs_end_to_end(checkpoint, world_overrides, datamodule, t
     )
     assert scores.shape == (1, NUM_EXAMPLES) and np.isfinite(scores).all() and np.abs(scores).max() > 0
     ranking = json.loads((tmp_path / "run" / "ranking.json").read_text())
+    assert ranking["method"] == "unlearning:ekfac"  # apart from AbU in every results table
     assert ranking["queries"][0]["diagnostics"]["update"] == "ekfac"
     assert (
         ranking["queries"][0]["diagnostics"]["loss_after"]

@@ -70,6 +70,9 @@ class UnlearningAttributor(Attributor):
             raise ValueError(f"Unknown method.flip_reduction={flip_reduction!r}; options: {FLIP_REDUCTIONS}.")
         self.params = params
         self.update = update
+        # Results tables group runs by this name: the update rule is part of what the method is
+        # (AbU+ next to AbU in one evaluation), the paper's default keeps the plain name.
+        self.name = "unlearning" if update == "fisher" else f"unlearning:{update}"
         self.steps = steps
         self.step_size = step_size
         self.num_samples = num_samples
