@@ -1,8 +1,9 @@
 """`method=unlearning` (AbU, Wang et al. 2024): unlearn the query with a Fisher-preconditioned
 Newton step on a weight subset, then score every training example by how much its loss rose.
 
-prepare: the diagonal Fisher (or, with update=ekfac, the EK-FAC factors) over the training set and the before-unlearning loss sweep, both cached
-under `cache_dir` keyed by (model weights, data, config) and shared by every query and run.
+prepare: the diagonal Fisher (with update=ekfac, the EK-FAC factors) over the training set and the
+before-unlearning loss sweep, both cached under `cache_dir` keyed by (model weights, data, config)
+and shared by every query and run.
 score: per query, unlearn from θ₀, sweep the training set again (in the run directory: a killed run
 resumes), put θ₀ back. Score = loss after − loss before, averaged over captions, max over flips.
 """

@@ -234,7 +234,7 @@ def inverse_preconditioner(
     damping: float,
 ) -> dict[str, torch.Tensor] | None:
     """Per-weight step scale: 1 / (N (F + λ)) for fisher, 1 / (N F) for newton, None for sgd (and
-    for ekfac, whose step is not per weight: see `preconditioned_direction`)."""
+    for ekfac, whose step is not per weight: see `EKFAC.precondition`)."""
     if update not in UPDATES:
         raise ValueError(f"Unknown unlearning update {update!r}; options: {UPDATES}.")
     if update in ("sgd", "ekfac"):
