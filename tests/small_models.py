@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from diffusion_attribution.data.shapes import ShapesDataModule
 from diffusion_attribution.models.build import build_tiny_model
 from diffusion_attribution.models.pipeline import TextToImageModel
 
@@ -39,4 +40,12 @@ def small_model(captions: list[str], smaller: bool = True, **scheduler: Any) -> 
         text_encoder=cfg.text_encoder,
         scheduler=cfg.scheduler,
         max_length=cfg.max_length,
+    )
+
+
+def small_world(cache_dir: Path) -> ShapesDataModule:
+    """The shapes world shrunk for unit tests: 32 plain images, 2 per rare concept, at SMALLER's
+    resolution (48 images)."""
+    return ShapesDataModule(
+        num_common=32, images_per_rare_concept=2, cache_dir=str(cache_dir), resolution=SMALLER["resolution"]
     )

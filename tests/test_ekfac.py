@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from small_models import SMALLER, small_model
+from small_models import SMALLER, small_model, small_world
 
 from diffusion_attribution.data.base import CaptionedImageDataset
-from diffusion_attribution.data.shapes import ShapesDataModule
 from diffusion_attribution.methods.unlearning import UnlearningAttributor
 from diffusion_attribution.methods.weight_subsets import select_parameters
 from diffusion_attribution.models.pipeline import TextToImageModel
@@ -35,12 +34,7 @@ IDS = [0, 3, 7, 12, 21, 30]
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory):
-    data = ShapesDataModule(
-        num_common=32,
-        images_per_rare_concept=2,
-        cache_dir=str(tmp_path_factory.mktemp("shapes")),
-        resolution=SMALLER["resolution"],
-    )
+    data = small_world(tmp_path_factory.mktemp("shapes"))
     return data.source
 
 

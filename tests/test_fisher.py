@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from small_models import SMALLER, small_model
+from small_models import SMALLER, small_model, small_world
 
 from diffusion_attribution.data.base import CaptionedImageDataset
-from diffusion_attribution.data.shapes import ShapesDataModule
 from diffusion_attribution.methods.weight_subsets import select_parameters
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.modules.fisher import (
@@ -26,12 +25,7 @@ from diffusion_attribution.modules.fisher import (
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory):
-    data = ShapesDataModule(
-        num_common=32,
-        images_per_rare_concept=2,
-        cache_dir=str(tmp_path_factory.mktemp("shapes")),
-        resolution=SMALLER["resolution"],
-    )
+    data = small_world(tmp_path_factory.mktemp("shapes"))
     return data.source
 
 

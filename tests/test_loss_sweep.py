@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from small_models import SMALLER, small_model
+from small_models import small_model, small_world
 
 from diffusion_attribution.data.base import CaptionedImageDataset, CaptionedImageSource
-from diffusion_attribution.data.shapes import ShapesDataModule
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.modules.loss_sweep import per_sample_losses, reduce_flips, unlearning_scores
 from diffusion_attribution.utils.seeding import keyed_randn
@@ -18,12 +17,7 @@ TIMESTEPS = [0, 250, 500, 999]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[TextToImageModel, CaptionedImageDataset]:
-    data = ShapesDataModule(
-        num_common=32,
-        images_per_rare_concept=2,
-        cache_dir=str(tmp_path_factory.mktemp("shapes")),
-        resolution=SMALLER["resolution"],
-    )
+    data = small_world(tmp_path_factory.mktemp("shapes"))
     dataset = data.full_dataset()
     return small_model(dataset.source.all_captions()), dataset
 
