@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,28 +117,50 @@ def _per_sample_matrices(calls: list[tuple[torch.Tensor, torch.Tensor]], block: 
     return total
 
 
-def _capture(
+def _selection(
+    model: TextToImageModel, params: str | Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, LinearBlock]]:
+    selected = select_parameters(model.unet, params) if isinstance(params, str) else dict(params)
+    return selected, linear_blocks(model.unet, selected)
+
+
+def _training_loss(
+    model: TextToImageModel, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    return squared_error(model.predict(noisy, t, text), target)
+
+
+def _captured_batches(
     model: TextToImageModel,
+    dataset: CaptionedImageDataset,
+    ids: Sequence[int],
+    selected: Mapping[str, torch.Tensor],
     blocks: Mapping[str, LinearBlock],
-    params: Mapping[str, torch.Tensor],
-    noisy: torch.Tensor,
-    t: torch.Tensor,
-    text_states: torch.Tensor,
-    target: torch.Tensor,
-) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    modules = {m: model.unet.get_submodule(m) for m in blocks}
-    wrt = [params[block.weight] for block in blocks.values()]
-
-    def per_example_loss() -> torch.Tensor:
-        return squared_error(model.predict(noisy, t, text_states), target)
-
-    return capture_linear_io(model.unet, modules, wrt, per_example_loss)
-
-
-def _work(ids: Sequence[int], samples_per_example: int) -> list[tuple[int, int]]:
+    batch_size: int,
+    seed: int,
+    samples_per_example: int,
+    progress: bool,
+    description: str,
+) -> Iterator[dict[str, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """One pass over `ids` with the Fisher's draws: per batch, each block's captured (input, output
+    gradient) calls of the training loss."""
     if samples_per_example < 1:
         raise ValueError("samples_per_example must be at least 1.")
-    return [(int(i), s) for i in ids for s in range(samples_per_example)]
+    modules = {m: model.unet.get_submodule(m) for m in blocks}
+    wrt = [selected[block.weight] for block in blocks.values()]
+    work = [(int(i), s) for i in ids for s in range(samples_per_example)]
+    bar = tqdm(total=len(work), desc=description, unit="sample", disable=not progress)
+    with evaluation_mode(model):
+        for chunk, *batch in training_loss_batches(
+            model, dataset, work, batch_size, seed, dataset.random_flip
+        ):
+            yield capture_linear_io(model.unet, modules, wrt, partial(_training_loss, model, *batch))
+            bar.update(len(chunk))
+    bar.close()
+
+
+def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    sums[key] = value if key not in sums else sums[key] + value
 
 
 def accumulate_factors(
@@ -152,26 +175,28 @@ def accumulate_factors(
 ) -> dict[str, torch.Tensor]:
     """Pass 1 over `ids`: per layer the sums of a aᵀ over input tokens ("A.<module>") and of g gᵀ
     over output-gradient tokens ("G.<module>"), float64, and the number of samples ("count")."""
-    selected = select_parameters(model.unet, params) if isinstance(params, str) else dict(params)
-    blocks = linear_blocks(model.unet, selected)
-    work = _work(ids, samples_per_example)
+    selected, blocks = _selection(model, params)
     sums: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(work), desc="EK-FAC factors", unit="sample", disable=not progress)
-    with evaluation_mode(model):
-        for chunk, *batch in training_loss_batches(
-            model, dataset, work, batch_size, seed, dataset.random_flip
-        ):
-            calls = _capture(model, blocks, selected, *batch)
-            for module, block in blocks.items():
-                for a, g in calls[module]:
-                    a3 = _block_inputs(a, block).flatten(0, 1)
-                    g3 = tokens(g, torch.float64).flatten(0, 1)
-                    for key, rows in ((f"A.{module}", a3), (f"G.{module}", g3)):
-                        value = rows.T @ rows
-                        sums[key] = value if key not in sums else sums[key] + value
-            bar.update(len(chunk))
-    bar.close()
-    sums["count"] = torch.tensor(len(work), dtype=torch.float64)
+    passes = _captured_batches(
+        model,
+        dataset,
+        ids,
+        selected,
+        blocks,
+        batch_size,
+        seed,
+        samples_per_example,
+        progress,
+        "EK-FAC factors",
+    )
+    for calls in passes:
+        for module, block in blocks.items():
+            for a, g in calls[module]:
+                a2 = _block_inputs(a, block).flatten(0, 1)
+                g2 = tokens(g, torch.float64).flatten(0, 1)
+                _add(sums, f"A.{module}", a2.T @ a2)
+                _add(sums, f"G.{module}", g2.T @ g2)
+    sums["count"] = torch.tensor(len(ids) * samples_per_example, dtype=torch.float64)
     return sums
 
 
@@ -199,30 +224,31 @@ def accumulate_eigenvalues(
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Pass 2 over `ids`: per layer Σ_n (Q_Gᵀ ∇W_n Q_A)² ("L.<module>", float64) and "count"."""
-    selected = select_parameters(model.unet, params) if isinstance(params, str) else dict(params)
-    blocks = linear_blocks(model.unet, selected)
+    selected, blocks = _selection(model, params)
     missing = sorted(set(blocks) - set(bases))
     if missing:
         raise ValueError(f"No eigenbasis for {missing[:3]}: compute the factors for the same weights first.")
     device = model.device
     rotations = {m: (q_in.to(device), q_out.to(device)) for m, (q_in, q_out) in bases.items()}
-    work = _work(ids, samples_per_example)
     sums: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(work), desc="EK-FAC eigenvalues", unit="sample", disable=not progress)
-    with evaluation_mode(model):
-        for chunk, *batch in training_loss_batches(
-            model, dataset, work, batch_size, seed, dataset.random_flip
-        ):
-            calls = _capture(model, blocks, selected, *batch)
-            for module, block in blocks.items():
-                q_in, q_out = rotations[module]
-                rotated = q_out.T @ _per_sample_matrices(calls[module], block) @ q_in
-                value = rotated.pow(2).sum(0)
-                key = f"L.{module}"
-                sums[key] = value if key not in sums else sums[key] + value
-            bar.update(len(chunk))
-    bar.close()
-    sums["count"] = torch.tensor(len(work), dtype=torch.float64)
+    passes = _captured_batches(
+        model,
+        dataset,
+        ids,
+        selected,
+        blocks,
+        batch_size,
+        seed,
+        samples_per_example,
+        progress,
+        "EK-FAC eigenvalues",
+    )
+    for calls in passes:
+        for module, block in blocks.items():
+            q_in, q_out = rotations[module]
+            rotated = q_out.T @ _per_sample_matrices(calls[module], block) @ q_in
+            _add(sums, f"L.{module}", rotated.pow(2).sum(0))
+    sums["count"] = torch.tensor(len(ids) * samples_per_example, dtype=torch.float64)
     return sums
 
 
@@ -365,8 +391,7 @@ def compute_ekfac(
     """EK-FAC over `ids` (default: the dataset's kept ids) in this process (see `run_ekfac` for the
     sharded, resumable, multi-process version, which gives the same numbers)."""
     ids = [int(i) for i in (dataset.ids if ids is None else ids)]
-    selected = select_parameters(model.unet, subset)
-    blocks = linear_blocks(model.unet, selected)
+    selected, blocks = _selection(model, subset)
     args = (model, dataset, ids, selected)
     kwargs = {"batch_size": batch_size, "seed": seed, "samples_per_example": samples_per_example}
     bases = eigenbases(accumulate_factors(*args, **kwargs, progress=progress))
@@ -419,8 +444,7 @@ def run_ekfac(
     resumable and split over processes by the trainer; the same numbers as `compute_ekfac`."""
     out_dir = Path(out_dir)
     ids = np.asarray(ids, dtype=np.int64)
-    selected = select_parameters(model.unet, subset)
-    blocks = linear_blocks(model.unet, selected)
+    selected, blocks = _selection(model, subset)
     kwargs = {"batch_size": batch_size, "seed": seed, "samples_per_example": samples_per_example}
     config = {"subset": subset, **kwargs}
     config.pop("batch_size")
