@@ -129,9 +129,10 @@ def main() -> None:
         "--grid",
         nargs="*",
         default=["1,0.0003,10", "1,0.001,10", "1,0.003,10", "3,0.001,10", "1,0.001,5"],
-        help="unlearning settings 'steps,step_size,num_timesteps[,damping[,params[,update]]]' with N = the pool "
-        "size (the update depends on step_size / N only, so N is not a separate axis); damping defaults to "
-        "0.1, params (the unlearned weight subset) to kv, update to fisher (or ekfac)",
+        help="unlearning settings 'steps,step_size,num_timesteps[,damping[,params[,update[,captions]]]]' with "
+        "N = the pool size (the update depends on step_size / N only, so N is not a separate axis); damping "
+        "defaults to 0.1, params (the unlearned weight subset) to kv, update to fisher (or ekfac), captions "
+        "(scored per pool image) to 0 (or all, or indices joined by +, e.g. 1+2)",
     )
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -195,13 +196,19 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
     from diffusion_attribution.modules.loss_sweep import per_sample_losses, unlearning_scores
     from diffusion_attribution.modules.unlearning import preserved_parameters, unlearn
 
+    def pool_losses(model, dataset, ids, timesteps, captions: str):
+        """The scoring sweep; `captions` is "all" or caption indices joined by "+"."""
+        indices = None if captions == "all" else [int(c) for c in captions.split("+")]
+        return per_sample_losses(model, dataset, ids, timesteps, indices, [False], batch_size=64)
+
     grid = []
     for point in args.grid:
         steps, alpha, num_t, *rest = point.split(",")
         damping = float(rest[0]) if rest else 0.1
         params = rest[1] if len(rest) > 1 else "kv"
         update = rest[2] if len(rest) > 2 else "fisher"
-        grid.append((int(steps), float(alpha), int(num_t), damping, params, update))
+        captions = rest[3] if len(rest) > 3 else "0"
+        grid.append((int(steps), float(alpha), int(num_t), damping, params, update, captions))
     results = []
     for concept in args.calibrate:
         model = TextToImageModel.from_pretrained(root / concept / "model").eval()
@@ -218,21 +225,18 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
             (params, update): compute[update](
                 model, datamodule.dataset, subset=params, batch_size=64, progress=False
             )
-            for params, update in sorted({g[4:] for g in grid})
+            for params, update in sorted({g[4:6] for g in grid})
         }
         fisher_s = time.perf_counter() - started
         num_t = int(model.scheduler.config.num_train_timesteps)
         grids = {t: list(range(0, num_t, num_t // t))[:t] for t in sorted({g[2] for g in grid})}
-        before = {
-            t: per_sample_losses(model, dataset, ids, steps_t, [0], [False], batch_size=64)
-            for t, steps_t in grids.items()
-        }
+        before = {(g[2], g[6]): pool_losses(model, dataset, ids, grids[g[2]], g[6]) for g in grid}
         # Calibration queries: their own seed stream (settings.seed + 1), never the evaluation queries.
         prompts = query_prompts(concept, args.calibration_queries, settings.seed + 1)
         samples = generate(model, [p for p, _ in prompts], [s for _, s in prompts], **settings.sampler)
         target = [np.arange(len(others), len(ids))]
         num_train = float(datamodule.num_examples)
-        for steps, step_size, num_t, damping, params, update in grid:
+        for steps, step_size, num_t, damping, params, update, captions in grid:
             point_started = time.perf_counter()
             selected, fisher = select_parameters(model.unet, params), fishers[(params, update)]
             aps, recalls, increases = [], [], []
@@ -252,8 +256,8 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                         update=update,
                         seed=0,
                     )
-                    after = per_sample_losses(model, dataset, ids, grids[num_t], [0], [False], batch_size=64)
-                scores = unlearning_scores(before[num_t], after).numpy()[None]
+                    after = pool_losses(model, dataset, ids, grids[num_t], captions)
+                scores = unlearning_scores(before[(num_t, captions)], after).numpy()[None]
                 (row,) = retrieval_metrics(scores, target, precision_at=(), recall_at=(10,))
                 aps.append(row["ap"])
                 recalls.append(row["recall@10"])
@@ -267,6 +271,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                 "damping": damping,
                 "params": params,
                 "update": update,
+                "captions": captions,
                 "ap": float(np.mean(aps)),
                 "recall@10": float(np.mean(recalls)),
                 "query_loss_increase": float(np.mean(increases)),

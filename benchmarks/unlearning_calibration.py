@@ -10,6 +10,8 @@ image the attribute reader reads as the asked-for concept. Scoring uses a subset
 sweep and the Fisher once, then for every setting (a dict of `unlearn` arguments over the defaults of
 conf/method/unlearning.yaml) unlearns each query, sweeps the subset again and prints the AP of the
 concept's images within the subset, the query's loss rise and the mean loss change of the rest.
+A setting may also change the scoring sweep: "sweep_timesteps" (a list; default --timesteps) and
+"sweep_captions" (caption indices, or "all"; default [0]); the before-sweep is redone for each.
 APs within a subset are higher than over the whole training set; compare settings, not numbers.
 --show-top N also prints, per setting and query, which concepts the top N of the ranking belong to.
 """
@@ -101,15 +103,32 @@ def main() -> None:
     rare = [i for i, c in concept_of.items() if c]
     plain = [i for i, c in concept_of.items() if not c]
     ids = rare + np.random.default_rng(0).choice(plain, args.others, replace=False).tolist()
-    started = time.perf_counter()
-    before = per_sample_losses(model, dataset, ids, args.timesteps, [0], [False], batch_size=64)
-    print(f"before-sweep of {len(ids)} images: {time.perf_counter() - started:.0f} s", flush=True)
+    befores: dict[str, torch.Tensor] = {}
+
+    def sweep(setting: dict) -> torch.Tensor:
+        captions = setting.get("sweep_captions", [0])
+        timesteps = setting.get("sweep_timesteps", args.timesteps)
+        return per_sample_losses(
+            model, dataset, ids, timesteps, None if captions == "all" else captions, [False], batch_size=64
+        )
+
+    def before_for(setting: dict) -> torch.Tensor:
+        key = json.dumps([setting.get("sweep_captions"), setting.get("sweep_timesteps")])
+        if key not in befores:
+            started = time.perf_counter()
+            befores[key] = sweep(setting)
+            print(
+                f"before-sweep {key} of {len(ids)} images: {time.perf_counter() - started:.0f} s", flush=True
+            )
+        return befores[key]
+
     fishers = {}
 
     print("| setting | mAP (subset) | per-query AP | query loss rise | mean Δloss rest | s/query |")
     print("|---|---|---|---|---|---|")
     for setting in args.settings:
-        cfg = {**defaults, **setting}
+        cfg = {**defaults, **{k: v for k, v in setting.items() if not k.startswith("sweep_")}}
+        before = before_for(setting)
         kind = (cfg["params"], cfg["update"] == "ekfac")
         if kind not in fishers:
             compute = compute_ekfac if cfg["update"] == "ekfac" else compute_fisher
@@ -127,7 +146,7 @@ def main() -> None:
                     selected,
                     **{k: v for k, v in cfg.items() if k != "params"},
                 )
-                after = per_sample_losses(model, dataset, ids, args.timesteps, [0], [False], batch_size=64)
+                after = sweep(setting)
             scores = unlearning_scores(before, after)
             target = torch.tensor([concept_of[i] == concept for i in ids])
             # The project's AP, not torchmetrics' functional one: that counts a relevant item with a
