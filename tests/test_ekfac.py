@@ -196,6 +196,8 @@ def test_save_load_and_validate(model, dataset, tmp_path: Path) -> None:
     ekfac = compute_ekfac(model, dataset, IDS, "cross_attn", batch_size=8, progress=False)
     loaded = EKFAC.load(ekfac.save(tmp_path / "ekfac.safetensors"))
     assert loaded.blocks == ekfac.blocks and loaded.metadata == ekfac.metadata
+    # Written atomically (temporary file + rename): only the file and its readable header remain.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ekfac.json", "ekfac.safetensors"]
     for module in ekfac.blocks:
         assert torch.equal(loaded.eigenvalues[module], ekfac.eigenvalues[module])
         assert torch.equal(loaded.q_in[module], ekfac.q_in[module])

@@ -133,6 +133,8 @@ def test_save_load_round_trip(model, source, tmp_path: Path) -> None:
     assert loaded.metadata["subset"] == "kv" and loaded.metadata["seed"] == 9
     assert json.loads(path.with_suffix(".json").read_text())["num_examples"] == 3
     assert loaded.mean() == pytest.approx(fisher.mean())
+    # Written atomically (temporary file + rename): only the file and its readable header remain.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["kv.json", "kv.safetensors"]
     loaded.validate(select_parameters(model.unet, "kv"))
     with pytest.raises(FileNotFoundError, match="compute_fisher"):
         FisherDiagonal.load(tmp_path / "missing.safetensors")

@@ -52,8 +52,9 @@ from ..modules.output_gradients import (
     training_gradient_means,
 )
 from ..modules.projection import PROJECTION_KINDS, BlockwiseProjection
-from ..modules.sharded_sweep import atomic_save_tensors, run_sharded
+from ..modules.sharded_sweep import run_sharded
 from ..modules.unlearning import mask_to_latent
+from ..utils.atomic import atomic_save_tensors
 from ..utils.fingerprint import data_fingerprint, hash_json, model_fingerprint
 from ..utils.seeding import keyed_randn
 from .base import AttributionContext, Attributor, disk_bytes

@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.base import CaptionedImageDataset
 from ..methods.weight_subsets import select_parameters
 from ..models.pipeline import TextToImageModel
+from ..utils.atomic import atomic_save_tensors, atomic_write_text
 from .fisher import FisherError, evaluation_mode, squared_error, training_loss_batches
 from .linear_grads import capture_linear_io, tokens
 from .sharded_sweep import run_sharded
@@ -335,13 +335,13 @@ class EKFAC:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for module in self.blocks:
-            tensors[f"q_in.{module}"] = self.q_in[module].double().contiguous()
-            tensors[f"q_out.{module}"] = self.q_out[module].double().contiguous()
-            tensors[f"eigenvalues.{module}"] = self.eigenvalues[module].double().contiguous()
+            tensors[f"q_in.{module}"] = self.q_in[module].double()
+            tensors[f"q_out.{module}"] = self.q_out[module].double()
+            tensors[f"eigenvalues.{module}"] = self.eigenvalues[module].double()
         blocks = [[b.module, b.weight, b.bias] for b in self.blocks.values()]
         header = {"metadata": self.metadata, "blocks": blocks}
-        save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(header, default=str)})
-        path.with_suffix(".json").write_text(json.dumps(header, indent=2, default=str))
+        atomic_save_tensors(path, tensors, {METADATA_KEY: json.dumps(header, default=str)})
+        atomic_write_text(path.with_suffix(".json"), json.dumps(header, indent=2, default=str))
         return path
 
     @classmethod

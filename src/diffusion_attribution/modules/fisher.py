@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 from ..data.base import CaptionedImageDataset
 from ..methods.weight_subsets import select_parameters
 from ..models.pipeline import TextToImageModel
+from ..utils.atomic import atomic_save_tensors, atomic_write_text
 from ..utils.seeding import keyed_generator
 
 logger = logging.getLogger(__name__)
@@ -249,10 +249,12 @@ class FisherDiagonal:
         """`path` (safetensors, metadata in its header) plus a readable `<stem>.json` beside it."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {n: v.detach().to("cpu", torch.float32).contiguous() for n, v in self.values.items()}
+        tensors = {n: v.to(torch.float32) for n, v in self.values.items()}
         text = json.dumps(self.metadata, sort_keys=True, default=str)
-        save_file(tensors, str(path), metadata={METADATA_KEY: text, NAMES_KEY: json.dumps(list(tensors))})
-        path.with_suffix(".json").write_text(json.dumps(self.metadata, indent=2, sort_keys=True, default=str))
+        atomic_save_tensors(path, tensors, {METADATA_KEY: text, NAMES_KEY: json.dumps(list(tensors))})
+        atomic_write_text(
+            path.with_suffix(".json"), json.dumps(self.metadata, indent=2, sort_keys=True, default=str)
+        )
         return path
 
     @classmethod

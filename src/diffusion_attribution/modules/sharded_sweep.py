@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,32 +23,19 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.base import CaptionedImageDataset
 from ..models.pipeline import TextToImageModel
+from ..utils.atomic import atomic_save_tensors, atomic_write_text
 from .fisher import FisherDiagonal, FisherSums, accumulate_fisher
 from .loss_sweep import per_sample_losses
 
 log = logging.getLogger(__name__)
 
 ShardFn = Callable[[np.ndarray], dict[str, torch.Tensor]]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def shard_path(out_dir: Path, shard: int) -> Path:
