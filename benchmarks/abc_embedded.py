@@ -129,10 +129,11 @@ def main() -> None:
         "--grid",
         nargs="*",
         default=["1,0.0003,10", "1,0.001,10", "1,0.003,10", "3,0.001,10", "1,0.001,5"],
-        help="unlearning settings 'steps,step_size,num_timesteps[,damping[,params[,update[,captions]]]]' with "
-        "N = the pool size (the update depends on step_size / N only, so N is not a separate axis); damping "
-        "defaults to 0.1, params (the unlearned weight subset) to kv, update to fisher (or ekfac), captions "
-        "(scored per pool image) to 0 (or all, or indices joined by +, e.g. 1+2)",
+        help="unlearning settings 'steps,step_size,num_timesteps[,damping[,params[,update[,captions[,rise]]]]]' "
+        "with N = the pool size (the update depends on step_size / N only, so N is not a separate axis); "
+        "damping defaults to 0.1, params (the unlearned weight subset) to kv, update to fisher (or ekfac), "
+        "captions (scored per pool image) to 0 (or all, or indices joined by +, e.g. 1+2), rise (a target "
+        "query-loss rise: the step size is searched from step_size per query) to none",
     )
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -208,7 +209,8 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
         params = rest[1] if len(rest) > 1 else "kv"
         update = rest[2] if len(rest) > 2 else "fisher"
         captions = rest[3] if len(rest) > 3 else "0"
-        grid.append((int(steps), float(alpha), int(num_t), damping, params, update, captions))
+        rise = float(rest[4]) if len(rest) > 4 and rest[4] != "none" else None
+        grid.append((int(steps), float(alpha), int(num_t), damping, params, update, captions, rise))
     results = []
     for concept in args.calibrate:
         model = TextToImageModel.from_pretrained(root / concept / "model").eval()
@@ -236,10 +238,10 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
         samples = generate(model, [p for p, _ in prompts], [s for _, s in prompts], **settings.sampler)
         target = [np.arange(len(others), len(ids))]
         num_train = float(datamodule.num_examples)
-        for steps, step_size, num_t, damping, params, update, captions in grid:
+        for steps, step_size, num_t, damping, params, update, captions, rise in grid:
             point_started = time.perf_counter()
             selected, fisher = select_parameters(model.unet, params), fishers[(params, update)]
-            aps, recalls, increases = [], [], []
+            aps, recalls, increases, rises, alphas = [], [], [], [], []
             for q, (prompt, _) in enumerate(prompts):
                 with preserved_parameters(selected):
                     record = unlearn(
@@ -255,6 +257,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                         damping=damping,
                         update=update,
                         seed=0,
+                        target_loss_rise=rise,
                     )
                     after = pool_losses(model, dataset, ids, grids[num_t], captions)
                 scores = unlearning_scores(before[(num_t, captions)], after).numpy()[None]
@@ -262,6 +265,8 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                 aps.append(row["ap"])
                 recalls.append(row["recall@10"])
                 increases.append(record.loss_after - record.loss_before)
+                rises.append(record.loss_after / record.loss_before - 1)
+                alphas.append(record.step_sizes[0])
             line = {
                 "concept": concept,
                 "steps": steps,
@@ -272,9 +277,13 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                 "params": params,
                 "update": update,
                 "captions": captions,
+                "target_loss_rise": rise,
+                "first_step_sizes": alphas,
                 "ap": float(np.mean(aps)),
                 "recall@10": float(np.mean(recalls)),
                 "query_loss_increase": float(np.mean(increases)),
+                "query_loss_rise": [round(r, 3) for r in rises],
+                "aps": [round(a, 3) for a in aps],
                 "fisher_s": fisher_s,
                 "seconds_per_query": (time.perf_counter() - point_started) / len(prompts),
             }

@@ -49,7 +49,16 @@ DEFAULT_SETTINGS = [
     {"params": "cross_attn"},
     {"num_samples": 1024},
 ]
-UNLEARN_KEYS = ("params", "update", "steps", "step_size", "num_samples", "num_train", "damping")
+UNLEARN_KEYS = (
+    "params",
+    "update",
+    "steps",
+    "step_size",
+    "target_loss_rise",
+    "num_samples",
+    "num_train",
+    "damping",
+)
 
 
 def drawn_queries(

@@ -278,6 +278,18 @@ def test_ekfac_update_runs_end_to_end(checkpoint, world_overrides, datamodule, t
     )
     assert cached[0].stat().st_mtime_ns == stamp
     np.testing.assert_array_equal(again, scores)
+    # method.target_loss_rise: the step size is searched per query; the run records the α it took
+    HydraConfig.instance().cfg = None
+    targeted = tmp_path / "targeted"
+    run_attribution(
+        attribute_cfg(checkpoint, world_overrides, targeted, *overrides, "method.target_loss_rise=0.1"),
+        targeted,
+    )
+    ranking = json.loads((targeted / "ranking.json").read_text())
+    diagnostics = ranking["queries"][0]["diagnostics"]
+    assert ranking["method_config"]["target_loss_rise"] == 0.1
+    assert diagnostics["loss_after"] / diagnostics["loss_before"] - 1 == pytest.approx(0.1, rel=0.05)
+    assert len(diagnostics["step_sizes"]) == 1 and diagnostics["step_sizes"][0] != 1e-3
 
 
 # ------------------------------------------------------------------------------ self-attribution
@@ -401,6 +413,7 @@ def test_a_checkpoint_older_than_a_data_setting_was_trained_with_its_default(tmp
             r"Unknown method.update='adam'; options: \('fisher', 'newton', 'sgd', 'ekfac'\)",
         ),
         ("method.update=ekfac method.params=all", r"method.update=ekfac covers Linear layers only"),
+        ("method.target_loss_rise=0", r"method.target_loss_rise must be a positive fraction.*null keeps"),
     ],
 )
 def test_bad_method_settings_fail_before_any_work(

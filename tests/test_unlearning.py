@@ -15,6 +15,7 @@ from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.modules.fisher import FisherDiagonal, compute_fisher
 from diffusion_attribution.modules.loss_sweep import per_sample_losses, unlearning_scores
 from diffusion_attribution.modules.unlearning import (
+    _step_size_for_target,
     mask_to_latent,
     preserved_parameters,
     query_draws,
@@ -124,6 +125,60 @@ def test_unlearning_raises_the_query_loss(model: TextToImageModel, query: torch.
     assert record.loss_before == pytest.approx(query_loss(model, query, CAPTIONS[1], 16, 0), rel=1e-5)
 
 
+@pytest.mark.parametrize("initial", [1e-4, 1.0, 1e4])
+def test_step_size_search_finds_the_target_from_any_start(initial: float) -> None:
+    calls = []
+
+    def loss_at(alpha: float) -> float:  # a loss rising as a power of α, as unlearning's does
+        calls.append(alpha)
+        return 1.0 + 0.5 * alpha**1.5
+
+    alpha, loss = _step_size_for_target(loss_at, 3.0, initial, tolerance=0.02, max_bisections=20)
+    assert loss == pytest.approx(3.0, abs=0.02) and loss == loss_at(alpha)
+    assert alpha == pytest.approx(4.0 ** (1 / 1.5), rel=0.01)
+    assert len(calls) <= 12 + 20
+
+
+def test_step_size_search_returns_the_closest_when_the_target_is_out_of_reach() -> None:
+    # saturates below the target, then turns non-finite (an exploding step): the closest finite α wins
+    def loss_at(alpha: float) -> float:
+        return float("nan") if alpha > 50 else 1.0 + alpha / (1.0 + alpha)
+
+    alpha, loss = _step_size_for_target(loss_at, 3.0, 1.0, tolerance=0.02, max_bisections=10)
+    assert loss == loss_at(alpha) and 1.9 < loss < 2.0 and alpha <= 50
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_target_loss_rise_sets_the_step_size(
+    model: TextToImageModel, query: torch.Tensor, steps: int
+) -> None:
+    params = select_parameters(model.unet, "kv")
+    fisher, theta0 = random_fisher(params), snapshot(params)
+    # The untrained test model's query loss saturates within a fraction of a percent along K/V (a trained
+    # model's doubles; README), so the target here is a small rise.
+    records, rise = {}, 2e-3
+    for start in (1e-4, 1e-1):  # the search's starting α does not change where it ends
+        with preserved_parameters(params):
+            record = unlearn(
+                model, query, CAPTIONS[1], fisher, params, steps, start, 16, 100, target_loss_rise=rise
+            )
+            # loss_after is the step-0 query loss at the unlearned weights, as without a target
+            assert record.loss_after == pytest.approx(query_loss(model, query, CAPTIONS[1], 16, 0), rel=1e-6)
+        records[start] = record
+        assert record.loss_after / record.loss_before - 1 == pytest.approx(rise, rel=0.05)
+        assert len(record.step_sizes) == steps and record.target_loss_rise == rise
+    assert all(torch.equal(p.detach(), theta0[n]) for n, p in params.items())
+    low, high = records[1e-4].step_sizes[0], records[1e-1].step_sizes[0]
+    assert low == pytest.approx(high, rel=0.2)
+    # a fixed step of the α found reproduces the same weights' loss: the search only chose α
+    with preserved_parameters(params):
+        fixed = unlearn(model, query, CAPTIONS[1], fisher, params, 1, records[1e-1].step_sizes[0], 16, 100)
+    if steps == 1:
+        assert fixed.loss_after == pytest.approx(records[1e-1].loss_after, rel=1e-5)
+    else:  # two steps of the same α rise further than one
+        assert records[1e-1].loss_after > fixed.loss_after
+
+
 def test_preserved_parameters_restores_after_errors(model: TextToImageModel) -> None:
     params = select_parameters(model.unet, "cross_attn")
     theta0 = snapshot(params)
@@ -171,6 +226,8 @@ def test_bad_inputs_name_the_fix(model: TextToImageModel, query: torch.Tensor) -
         unlearn(model, query[:, :8], CAPTIONS[0], fisher, params, **kwargs)
     with pytest.raises(ValueError, match="Unknown weight subset"):
         unlearn(model, query, CAPTIONS[0], fisher, "values", **kwargs)
+    with pytest.raises(ValueError, match="target_loss_rise must be a positive fraction.*null"):
+        unlearn(model, query, CAPTIONS[0], fisher, params, target_loss_rise=0.0, **kwargs)
     # nothing above moved the weights
     assert all(torch.equal(p.detach(), theta0[n]) for n, p in params.items())
 

@@ -42,6 +42,7 @@ class UnlearningAttributor(Attributor):
         update: str = "fisher",
         steps: int = 1,
         step_size: float = 0.01,
+        target_loss_rise: float | None = None,
         num_samples: int = 64,
         num_train: float | None = None,
         damping: float = 0.1,
@@ -67,6 +68,11 @@ class UnlearningAttributor(Attributor):
                 "method.update=ekfac covers Linear layers only, and method.params=all includes convolutions "
                 "and norms. Use method.params=kv, cross_attn or attn with ekfac, or method.update=fisher."
             )
+        if target_loss_rise is not None and not target_loss_rise > 0:
+            raise ValueError(
+                f"method.target_loss_rise must be a positive fraction (1.0: the query loss doubles), got "
+                f"{target_loss_rise}; null keeps the fixed method.step_size."
+            )
         if flip_reduction not in FLIP_REDUCTIONS:
             raise ValueError(f"Unknown method.flip_reduction={flip_reduction!r}; options: {FLIP_REDUCTIONS}.")
         self.params = params
@@ -76,6 +82,7 @@ class UnlearningAttributor(Attributor):
         self.name = "unlearning" if update == "fisher" else f"unlearning:{update}"
         self.steps = steps
         self.step_size = step_size
+        self.target_loss_rise = None if target_loss_rise is None else float(target_loss_rise)
         self.num_samples = num_samples
         self.num_train = num_train
         self.damping = damping
@@ -195,6 +202,7 @@ class UnlearningAttributor(Attributor):
             "update": self.update,
             "steps": self.steps,
             "step_size": self.step_size,
+            "target_loss_rise": self.target_loss_rise,
             "num_samples": self.num_samples,
             "num_train": self._num_train(),
             "damping": self.damping,
@@ -225,6 +233,7 @@ class UnlearningAttributor(Attributor):
                     self.selected,
                     steps=self.steps,
                     step_size=self.step_size,
+                    target_loss_rise=self.target_loss_rise,
                     num_samples=self.num_samples,
                     num_train=self._num_train(),
                     damping=self.damping,
@@ -271,10 +280,12 @@ class UnlearningAttributor(Attributor):
                 }
             )
             log.info(
-                "Query %d: query loss %.4f -> %.4f; mean training loss change %.2e (retention); %.1f s",
+                "Query %d: query loss %.4f -> %.4f (step size %s); mean training loss change %.2e "
+                "(retention); %.1f s",
                 k,
                 record.loss_before,
                 record.loss_after if record.loss_after is not None else float("nan"),
+                ", ".join(f"{a:.3g}" for a in record.step_sizes),
                 float(delta.mean()),
                 time.perf_counter() - started,
             )

@@ -21,13 +21,25 @@ The query loss is estimated from `num_samples` (timestep, noise) pairs keyed by 
 index), the timesteps stratified over [0, T) (see `query_draws`). Each step draws fresh pairs; the
 recorded loss before/after uses the step-0 pairs, so the two numbers are comparable. Samples cycle
 through the captions given.
+
+Step size by target (`target_loss_rise=r`): instead of a fixed α, each step searches along its
+preconditioned direction for the α at which the query loss (on the step-0 pairs) has risen by the
+fraction r·(s+1)/k of its value before unlearning after step s of k; with one step, loss_after ≈
+(1 + r)·loss_before. How far one α moves the query loss differs from model to model by an order of
+magnitude (a customized model's object against its style), while the loss rise at which unlearning
+ranks best does not, so a target carries over where an α does not. The search costs a few query-loss
+evaluations (`num_samples` forwards each), small next to the scoring sweep; `step_size` is its
+starting point and the α found is recorded per step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,6 +58,8 @@ from .fisher import (
     split_parameters,
     squared_error,
 )
+
+log = logging.getLogger(__name__)
 
 QUERY_STREAM = 5_162_017
 UPDATES = ("fisher", "newton", "sgd", "ekfac")
@@ -287,6 +301,8 @@ class UnlearningRecord:
     loss_after: float | None
     step_losses: list[float] = field(default_factory=list)
     relative_change: float = 0.0  # ||θ - θ₀|| / ||θ₀|| over the selected weights
+    target_loss_rise: float | None = None
+    step_sizes: list[float] = field(default_factory=list)  # the α taken at each step
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -299,6 +315,62 @@ def _ekfac_for(fisher: FisherDiagonal | EKFAC | None, params: Mapping[str, torch
             f"{type(fisher).__name__}."
         )
     return fisher.validate(params)
+
+
+LINE_SEARCH_FACTOR = 3.0  # bracketing: α is multiplied or divided by this until the target is crossed
+LINE_SEARCH_BRACKET_TRIES = 12
+
+
+def _step_size_for_target(
+    loss_at: Callable[[float], float],
+    target: float,
+    initial: float,
+    tolerance: float,
+    max_bisections: int,
+) -> tuple[float, float]:
+    """(α, loss) with loss_at(α) within `tolerance` (absolute) of `target`, or the closest found.
+
+    loss_at(0) is below the target. Bracket first (α × or ÷ LINE_SEARCH_FACTOR from `initial`), then
+    bisect in log α: the loss rises roughly as a power of α over the range that matters, so geometric
+    bisection needs few evaluations. A loss that stops rising before the target (or turns non-finite,
+    counted as overshooting) leaves the closest α found; the caller warns.
+    """
+    tried: dict[float, float] = {}
+
+    def evaluate(alpha: float) -> float:
+        if alpha not in tried:
+            value = loss_at(alpha)
+            tried[alpha] = value if math.isfinite(value) else math.inf
+        return tried[alpha]
+
+    def close(value: float) -> bool:
+        return abs(value - target) <= tolerance
+
+    alpha = initial
+    low, high = 0.0, math.inf  # α below / above the target
+    for _ in range(LINE_SEARCH_BRACKET_TRIES):
+        value = evaluate(alpha)
+        if close(value):
+            return alpha, value
+        if value < target:
+            low = alpha
+            if high < math.inf:
+                break
+            alpha *= LINE_SEARCH_FACTOR
+        else:
+            high = alpha
+            if low > 0:
+                break
+            alpha /= LINE_SEARCH_FACTOR
+    if low > 0 and high < math.inf:
+        for _ in range(max_bisections):
+            alpha = math.sqrt(low * high)
+            value = evaluate(alpha)
+            if close(value):
+                return alpha, value
+            low, high = (alpha, high) if value < target else (low, alpha)
+    best = min(tried, key=lambda a: abs(tried[a] - target))
+    return best, tried[best]
 
 
 def unlearn(
@@ -318,12 +390,24 @@ def unlearn(
     chunk_size: int = 64,
     track_loss: bool = True,
     stratified: bool = True,
+    target_loss_rise: float | None = None,
+    line_search_tolerance: float = 0.05,  # relative to the rise: r = 1 accepts 0.95–1.05
+    line_search_bisections: int = 10,
 ) -> UnlearningRecord:
     """`steps` updates θ ← θ + α P⁻¹ ∇θ L(ẑ) on the selected weights, in place (see the module
     docstring for P per update rule). `num_train` is N (default: the Fisher's number of examples).
+    With `target_loss_rise` r, α is searched per step so that the query loss ends r·100% above its
+    value before (module docstring); `step_size` is the search's starting α.
     Wrap in `preserved_parameters(params)` to get θ₀ back afterwards."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
+    if not step_size > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}.")
+    if target_loss_rise is not None and not target_loss_rise > 0:
+        raise ValueError(
+            f"target_loss_rise must be a positive fraction (1.0 = the query loss doubles), got "
+            f"{target_loss_rise}; use null for a fixed step size."
+        )
     selected = select_parameters(model.unet, params) if isinstance(params, str) else dict(params)
     scale = inverse_preconditioner(fisher, selected, update, num_train, damping)  # type: ignore[arg-type]
     ekfac = _ekfac_for(fisher, selected) if update == "ekfac" else None
@@ -332,7 +416,20 @@ def unlearn(
     latents = prepare_query(model, latents)
     prepare_mask(mask, model.latent_shape)
     original = {name: p.detach().clone() for name, p in selected.items()}
-    step_losses = []
+    step_losses: list[float] = []
+    step_sizes: list[float] = []
+    searched_loss: float | None = None
+
+    def reference_loss() -> float:  # the step-0 pairs, as loss_before and loss_after
+        return query_loss(model, latents, captions, num_samples, seed, mask, 0, chunk_size, stratified)
+
+    def loss_along(start: dict[str, torch.Tensor], direction: dict[str, torch.Tensor], alpha: float) -> float:
+        """The reference loss at θ = start + α · direction (the weights are left there)."""
+        with torch.no_grad():
+            for name, param in selected.items():
+                param.copy_(start[name]).add_(direction[name], alpha=alpha)
+        return reference_loss()
+
     for step in range(steps):
         gradient, loss = query_loss_gradient(
             model,
@@ -351,14 +448,45 @@ def unlearn(
         if ekfac is not None:
             gradient = ekfac.precondition(gradient, float(num_train), damping)  # type: ignore[arg-type]
         with torch.no_grad():
+            direction = {
+                name: (gradient[name] if scale is None else gradient[name] * scale[name]).to(param.dtype)
+                for name, param in selected.items()
+            }
+        if target_loss_rise is None:
+            alpha = step_size
+        else:
+            start = {name: p.detach().clone() for name, p in selected.items()}
+            loss_at = partial(loss_along, start, direction)
+            rise = step_losses[0] * target_loss_rise * (step + 1) / steps
+            target, tolerance = step_losses[0] + rise, line_search_tolerance * rise
+            initial = step_sizes[-1] if step_sizes else step_size
+            alpha, searched_loss = _step_size_for_target(
+                loss_at, target, initial, tolerance, line_search_bisections
+            )
+            if abs(searched_loss - target) > tolerance:
+                log.warning(
+                    "Step %d: no step size brings the query loss to %.4g (target_loss_rise %g); the closest "
+                    "found, α = %.3g, gives %.4g. The query loss may not rise that far along this direction: "
+                    "lower method.target_loss_rise.",
+                    step,
+                    target,
+                    target_loss_rise,
+                    alpha,
+                    searched_loss,
+                )
+            with torch.no_grad():
+                for name, param in selected.items():
+                    param.copy_(start[name])
+        step_sizes.append(alpha)
+        with torch.no_grad():
             for name, param in selected.items():
-                direction = gradient[name] if scale is None else gradient[name] * scale[name]
-                param.add_(direction.to(param.dtype), alpha=step_size)
-    loss_after = (
-        query_loss(model, latents, captions, num_samples, seed, mask, 0, chunk_size, stratified)
-        if track_loss
-        else None
-    )
+                param.add_(direction[name], alpha=alpha)
+    if not track_loss:
+        loss_after = None
+    elif searched_loss is not None:  # the search evaluated exactly this: the step-0 pairs at the final θ
+        loss_after = searched_loss
+    else:
+        loss_after = reference_loss()
     with torch.no_grad():
         moved = sum(float((p.double() - original[n].double()).pow(2).sum()) for n, p in selected.items())
         norm = sum(float(original[n].double().pow(2).sum()) for n in selected)
@@ -373,6 +501,8 @@ def unlearn(
         loss_after=loss_after,
         step_losses=step_losses,
         relative_change=(moved / norm) ** 0.5 if norm > 0 else float("inf"),
+        target_loss_rise=target_loss_rise,
+        step_sizes=step_sizes,
     )
 
 
