@@ -241,7 +241,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
         for steps, step_size, num_t, damping, params, update, captions, rise in grid:
             point_started = time.perf_counter()
             selected, fisher = select_parameters(model.unet, params), fishers[(params, update)]
-            aps, recalls, increases, rises, alphas = [], [], [], [], []
+            aps, recalls, increases, rises, alphas, relative_aps = [], [], [], [], [], []
             for q, (prompt, _) in enumerate(prompts):
                 with preserved_parameters(selected):
                     record = unlearn(
@@ -264,6 +264,12 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                 (row,) = retrieval_metrics(scores, target, precision_at=(), recall_at=(10,))
                 aps.append(row["ap"])
                 recalls.append(row["recall@10"])
+                # The same sweeps scored with method.score=log_ratio (the rise relative to the loss before)
+                relative = unlearning_scores(before[(num_t, captions)], after, score="log_ratio").numpy()[
+                    None
+                ]
+                (row,) = retrieval_metrics(relative, target, precision_at=(), recall_at=(10,))
+                relative_aps.append(row["ap"])
                 increases.append(record.loss_after - record.loss_before)
                 rises.append(record.loss_after / record.loss_before - 1)
                 alphas.append(record.step_sizes[0])
@@ -284,6 +290,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                 "query_loss_increase": float(np.mean(increases)),
                 "query_loss_rise": [round(r, 3) for r in rises],
                 "aps": [round(a, 3) for a in aps],
+                "ap_log_ratio": float(np.mean(relative_aps)),
                 "fisher_s": fisher_s,
                 "seconds_per_query": (time.perf_counter() - point_started) / len(prompts),
             }

@@ -9,7 +9,8 @@ image the attribute reader reads as the asked-for concept. Scoring uses a subset
 (every rare-concept image plus --others plain ones, so a sweep takes seconds, not minutes), the before
 sweep and the Fisher once, then for every setting (a dict of `unlearn` arguments over the defaults of
 conf/method/unlearning.yaml) unlearns each query, sweeps the subset again and prints the AP of the
-concept's images within the subset, the query's loss rise and the mean loss change of the rest.
+concept's images within the subset (scored as the loss difference, and from the same sweeps as the
+log ratio, method.score=log_ratio), the query's loss rise and the mean loss change of the rest.
 A setting may also change the scoring sweep: "sweep_timesteps" (a list; default --timesteps) and
 "sweep_captions" (caption indices, or "all"; default [0]); the before-sweep is redone for each.
 APs within a subset are higher than over the whole training set; compare settings, not numbers.
@@ -133,8 +134,11 @@ def main() -> None:
 
     fishers = {}
 
-    print("| setting | mAP (subset) | per-query AP | query loss rise | mean Δloss rest | s/query |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| setting | mAP (subset) | per-query AP | mAP, score log_ratio | query loss rise | mean Δloss rest "
+        "| s/query |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for setting in args.settings:
         cfg = {**defaults, **{k: v for k, v in setting.items() if not k.startswith("sweep_")}}
         before = before_for(setting)
@@ -143,7 +147,7 @@ def main() -> None:
             compute = compute_ekfac if cfg["update"] == "ekfac" else compute_fisher
             fishers[kind] = compute(model, data.dataset, subset=cfg["params"], batch_size=64)
         selected = select_parameters(model.unet, cfg["params"])
-        aps, rises, rest, tops = [], [], [], []
+        aps, relative_aps, rises, rest, tops = [], [], [], [], []
         started = time.perf_counter()
         for concept, prompt, _, latent in queries:
             with preserved_parameters(selected):
@@ -162,6 +166,9 @@ def main() -> None:
             # score <= 0 (a loss that fell) as never retrieved, which misstates the AP of loss changes.
             (metrics,) = retrieval_metrics(scores[None].double().numpy(), [target.nonzero()[:, 0].numpy()])
             aps.append(metrics["ap"])
+            relative = unlearning_scores(before, after, score="log_ratio")  # the same sweeps, log_ratio score
+            (metrics,) = retrieval_metrics(relative[None].double().numpy(), [target.nonzero()[:, 0].numpy()])
+            relative_aps.append(metrics["ap"])
             rises.append(record.loss_after / record.loss_before - 1)
             rest.append(float(scores[~target].mean()))
             if args.show_top:
@@ -171,7 +178,7 @@ def main() -> None:
         seconds = (time.perf_counter() - started) / len(queries)
         print(
             f"| {json.dumps(setting)} | {np.mean(aps):.3f} | {' '.join(f'{a:.2f}' for a in aps)} | "
-            f"{np.mean(rises):+.1%} | {np.mean(rest):.2e} | {seconds:.0f} |",
+            f"{np.mean(relative_aps):.3f} | {np.mean(rises):+.1%} | {np.mean(rest):.2e} | {seconds:.0f} |",
             flush=True,
         )
         if tops:

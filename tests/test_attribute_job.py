@@ -281,13 +281,15 @@ def test_ekfac_update_runs_end_to_end(checkpoint, world_overrides, datamodule, t
     # method.target_loss_rise: the step size is searched per query; the run records the α it took
     HydraConfig.instance().cfg = None
     targeted = tmp_path / "targeted"
-    run_attribution(
-        attribute_cfg(checkpoint, world_overrides, targeted, *overrides, "method.target_loss_rise=0.1"),
-        targeted,
+    targeted_overrides = [*overrides, "method.target_loss_rise=0.1", "method.score=log_ratio"]
+    targeted_scores = run_attribution(
+        attribute_cfg(checkpoint, world_overrides, targeted, *targeted_overrides), targeted
     )
+    assert np.isfinite(targeted_scores).all()
     ranking = json.loads((targeted / "ranking.json").read_text())
     diagnostics = ranking["queries"][0]["diagnostics"]
     assert ranking["method_config"]["target_loss_rise"] == 0.1
+    assert ranking["method_config"]["score"] == "log_ratio"
     assert diagnostics["loss_after"] / diagnostics["loss_before"] - 1 == pytest.approx(0.1, rel=0.05)
     assert len(diagnostics["step_sizes"]) == 1 and diagnostics["step_sizes"][0] != 1e-3
 
@@ -414,6 +416,7 @@ def test_a_checkpoint_older_than_a_data_setting_was_trained_with_its_default(tmp
         ),
         ("method.update=ekfac method.params=all", r"method.update=ekfac covers Linear layers only"),
         ("method.target_loss_rise=0", r"method.target_loss_rise must be a positive fraction.*null keeps"),
+        ("method.score=ratio", r"Unknown method.score='ratio'; options: \('difference', 'log_ratio'\)"),
     ],
 )
 def test_bad_method_settings_fail_before_any_work(

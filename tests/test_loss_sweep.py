@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from PIL import Image
@@ -103,6 +105,21 @@ def test_scores_average_captions_then_take_the_max_over_flips() -> None:
         reduce_flips(after, "median")
     with pytest.raises(ValueError, match="differ in shape"):
         unlearning_scores(before, after[:1])
+
+
+def test_log_ratio_scores_the_relative_rise() -> None:
+    before = torch.tensor([[[0.01], [0.02]], [[1.0], [float("nan")]], [[0.5], [0.5]]])
+    after = torch.tensor([[[0.02], [0.04]], [[1.5], [float("nan")]], [[0.0], [0.5]]])
+    scores = unlearning_scores(before, after, score="log_ratio")
+    # example 0 doubles (log 2) from a small loss; example 1 rises 50% (caption 1 missing); example 2's
+    # loss falls to exactly 0 on one caption: finite, and lowest
+    assert scores[0] == pytest.approx(math.log(2.0), rel=1e-6)
+    assert scores[1] == pytest.approx(math.log(1.5), rel=1e-6)
+    assert torch.isfinite(scores).all() and scores.argmin() == 2
+    difference = unlearning_scores(before, after)
+    assert difference[1] > difference[0]  # the absolute change ranks them the other way round
+    with pytest.raises(ValueError, match="Unknown unlearning score 'ratio'.*log_ratio"):
+        unlearning_scores(before, after, score="ratio")
 
 
 def test_bad_inputs(world) -> None:

@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..data.base import parse_id_list
 from ..models.pipeline import CONFIG_FILE
+from ..utils.atomic import atomic_write_text
 from ..utils.fingerprint import hash_json
 from ..utils.seeding import keyed_generator
 
@@ -110,13 +111,6 @@ def random_exclusion(num_examples: int, size: int, seed: int, *keys: int) -> np.
         raise RetrainError(f"Cannot draw {size} of {num_examples} training examples at random.")
     generator = keyed_generator(seed, RANDOM_SUBSET_STREAM, *keys)
     return np.sort(torch.randperm(num_examples, generator=generator)[:size].numpy())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -291,7 +285,7 @@ class RetrainPlan:
         for job in self.jobs.values():
             path = exclusions / f"{job.key}.txt"
             if not path.is_file():
-                _write_atomic(path, "".join(f"{i}\n" for i in job.ids.tolist()))
+                atomic_write_text(path, "".join(f"{i}\n" for i in job.ids.tolist()))
         cfg = copy.deepcopy(self.config)
         with open_dict(cfg):
             cfg.data.exclude = "${retrain.exclusion_dir}/${retrain.exclusion}.txt"
@@ -317,7 +311,7 @@ class RetrainPlan:
             "# One job per exclusion set: retrain.exclusion=<key> (ids in exclusions/<key>.txt).\n"
             "defaults:\n  - _self_\n"
         )
-        _write_atomic(self.root / f"{RETRAIN_CONFIG}.yaml", header + text + OmegaConf.to_yaml(hydra_node))
+        atomic_write_text(self.root / f"{RETRAIN_CONFIG}.yaml", header + text + OmegaConf.to_yaml(hydra_node))
 
     # ------------------------------------------------------------------------------------ launch
     def launch(
@@ -456,6 +450,6 @@ def retrain_job(cfg: DictConfig) -> str:
         "seconds": seconds,
         "torch_threads": torch.get_num_threads(),
     }
-    _write_atomic(done, json.dumps(info, indent=2))
+    atomic_write_text(done, json.dumps(info, indent=2))
     log.info("Retrain %s done in %.1f min: %s", cfg.retrain.exclusion, seconds / 60, checkpoint)
     return str(checkpoint)

@@ -5,7 +5,8 @@ prepare: the diagonal Fisher (with update=ekfac, the EK-FAC factors) over the tr
 before-unlearning loss sweep, both cached under `cache_dir` keyed by (model weights, data, config)
 and shared by every query and run.
 score: per query, unlearn from θ₀, sweep the training set again (in the run directory: a killed run
-resumes), put θ₀ back. Score = loss after − loss before, averaged over captions, max over flips.
+resumes), put θ₀ back. Score = loss after − loss before (method.score=log_ratio: log(after / before)),
+averaged over captions, max over flips.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..data.queries import Query
 from ..models.pipeline import TextToImageModel
 from ..modules.ekfac import EKFAC, run_ekfac
 from ..modules.fisher import FisherDiagonal
-from ..modules.loss_sweep import FLIP_REDUCTIONS, unlearning_scores
+from ..modules.loss_sweep import FLIP_REDUCTIONS, SCORES, unlearning_scores
 from ..modules.sharded_sweep import SweepConfig, run_fisher, run_loss_sweep
 from ..modules.unlearning import UPDATES, mask_to_latent, preserved_parameters, unlearn
 from ..utils.fingerprint import data_fingerprint, hash_json, model_fingerprint, module_fingerprint
@@ -51,6 +52,7 @@ class UnlearningAttributor(Attributor):
         captions: Sequence[int] | str = "all",
         flips: str | Sequence[bool] = "auto",
         flip_reduction: str = "max",
+        score: str = "difference",
         fisher_samples_per_example: int = 1,
         batch_size: int = 64,
         shard_size: int = 256,
@@ -75,6 +77,8 @@ class UnlearningAttributor(Attributor):
             )
         if flip_reduction not in FLIP_REDUCTIONS:
             raise ValueError(f"Unknown method.flip_reduction={flip_reduction!r}; options: {FLIP_REDUCTIONS}.")
+        if score not in SCORES:
+            raise ValueError(f"Unknown method.score={score!r}; options: {SCORES}.")
         self.params = params
         self.update = update
         # Results tables group runs by this name: the update rule is part of what the method is
@@ -91,6 +95,7 @@ class UnlearningAttributor(Attributor):
         self.captions = captions
         self.flips = flips
         self.flip_reduction = flip_reduction
+        self.score_kind = score
         self.fisher_samples_per_example = fisher_samples_per_example
         self.batch_size = batch_size
         self.shard_size = shard_size
@@ -208,6 +213,7 @@ class UnlearningAttributor(Attributor):
             "damping": self.damping,
             "sweep": self.sweep_config.to_dict() if hasattr(self, "sweep_config") else None,
             "flip_reduction": self.flip_reduction,
+            "score": self.score_kind,
         }
 
     def train_side_bytes(self) -> int:
@@ -258,7 +264,7 @@ class UnlearningAttributor(Attributor):
                     trainer_kwargs=self.context.trainer_kwargs,
                     description=f"loss sweep after unlearning query {k}",
                 )
-            query_scores = unlearning_scores(self.before, after, self.flip_reduction)
+            query_scores = unlearning_scores(self.before, after, self.flip_reduction, self.score_kind)
             if not torch.isfinite(query_scores).all():
                 raise FloatingPointError(
                     f"Query {k}: non-finite scores after unlearning (loss before {record.loss_before}, after "
@@ -273,8 +279,10 @@ class UnlearningAttributor(Attributor):
                     if record.loss_after is None
                     else float(record.loss_after - record.loss_before),
                     "mean_train_loss_change": float(delta.mean()),
-                    "top10_train_loss_change": float(
-                        torch.topk(query_scores, min(10, len(query_scores))).values.mean()
+                    "top10_train_loss_change": float(  # of the 10 top-scored examples, whatever the score
+                        unlearning_scores(self.before, after, self.flip_reduction)[
+                            torch.topk(query_scores, min(10, len(query_scores))).indices
+                        ].mean()
                     ),
                     "seconds": time.perf_counter() - started,
                 }

@@ -15,6 +15,7 @@ def _temporary(path: Path) -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
     tmp.write_text(text)
     os.replace(tmp, path)
