@@ -110,7 +110,10 @@ def test_shards_sum_to_the_whole(model, source, tmp_path: Path) -> None:
     second = accumulate_fisher(model, dataset, ids[4:], "kv", batch_size=8, progress=False)
     merged = first.merge(second)
     assert merged.count == len(ids)
-    assert_fisher_close(merged.finalize(), whole.values, rtol=1e-6)
+    # The shards batch the examples differently from the whole (4 + 6 against 8 + 2), and float32
+    # per-sample gradients move with the batch's composition at the 1e-6 level on some CPUs (2.8e-6 seen);
+    # a wrong merge (a lost shard, a wrong count) is off by tens of percent.
+    assert_fisher_close(merged.finalize(), whole.values, rtol=1e-5)
     # a process group of one: the all-reduce path runs and leaves the sums as they are
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -118,7 +121,7 @@ def test_shards_sum_to_the_whole(model, source, tmp_path: Path) -> None:
     finally:
         dist.destroy_process_group()
     assert reduced.count == len(ids)
-    assert_fisher_close(reduced.finalize(), whole.values, rtol=1e-6)
+    assert_fisher_close(reduced.finalize(), whole.values, rtol=1e-5)
 
 
 def test_save_load_round_trip(model, source, tmp_path: Path) -> None:
