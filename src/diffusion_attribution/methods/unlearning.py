@@ -268,7 +268,7 @@ class UnlearningAttributor(Attributor):
             if not torch.isfinite(query_scores).all():
                 raise FloatingPointError(
                     f"Query {k}: non-finite scores after unlearning (loss before {record.loss_before}, after "
-                    f"{record.loss_after}). Lower method.step_size or raise method.damping."
+                    f"{record.loss_after}). Lower method.step_size (or method.target_loss_rise) or raise method.damping."
                 )
             scores[k] = query_scores.numpy()
             delta = (after - self.before).nanmean(dim=1).mean(dim=-1)
