@@ -260,14 +260,13 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                         target_loss_rise=rise,
                     )
                     after = pool_losses(model, dataset, ids, grids[num_t], captions)
-                scores = unlearning_scores(before[(num_t, captions)], after).numpy()[None]
+                reference = before[(num_t, captions)]
+                scores = unlearning_scores(reference, after).numpy()[None]
                 (row,) = retrieval_metrics(scores, target, precision_at=(), recall_at=(10,))
                 aps.append(row["ap"])
                 recalls.append(row["recall@10"])
                 # The same sweeps scored with method.score=log_ratio (the rise relative to the loss before)
-                relative = unlearning_scores(before[(num_t, captions)], after, score="log_ratio").numpy()[
-                    None
-                ]
+                relative = unlearning_scores(reference, after, score="log_ratio").numpy()[None]
                 (row,) = retrieval_metrics(relative, target, precision_at=(), recall_at=(10,))
                 relative_aps.append(row["ap"])
                 increases.append(record.loss_after - record.loss_before)

@@ -264,7 +264,13 @@ class UnlearningAttributor(Attributor):
                     trainer_kwargs=self.context.trainer_kwargs,
                     description=f"loss sweep after unlearning query {k}",
                 )
-            query_scores = unlearning_scores(self.before, after, self.flip_reduction, self.score_kind)
+            # The loss difference (the paper's score) also feeds the diagnostics, whatever method.score is.
+            loss_change = unlearning_scores(self.before, after, self.flip_reduction)
+            query_scores = (
+                loss_change
+                if self.score_kind == "difference"
+                else unlearning_scores(self.before, after, self.flip_reduction, self.score_kind)
+            )
             if not torch.isfinite(query_scores).all():
                 raise FloatingPointError(
                     f"Query {k}: non-finite scores after unlearning (loss before {record.loss_before}, after "
@@ -279,10 +285,8 @@ class UnlearningAttributor(Attributor):
                     if record.loss_after is None
                     else float(record.loss_after - record.loss_before),
                     "mean_train_loss_change": float(delta.mean()),
-                    "top10_train_loss_change": float(  # of the 10 top-scored examples, whatever the score
-                        unlearning_scores(self.before, after, self.flip_reduction)[
-                            torch.topk(query_scores, min(10, len(query_scores))).indices
-                        ].mean()
+                    "top10_train_loss_change": float(  # of the 10 top-scored examples
+                        loss_change[torch.topk(query_scores, min(10, len(query_scores))).indices].mean()
                     ),
                     "seconds": time.perf_counter() - started,
                 }
