@@ -72,6 +72,13 @@ def attribute(root: Path, concept: str, method: str, out: Path, overrides: list[
     return {"wall_s": wall}
 
 
+def ranking_seconds(run_dir: Path) -> float | None:
+    """Seconds the attributor reported in the run's ranking.json (prepare + score), None if absent."""
+    path = run_dir / "ranking.json"
+    timing = json.loads(path.read_text()).get("timing", {}) if path.is_file() else {}
+    return sum(timing.values()) if timing else None
+
+
 def evaluate(run_dirs: list[Path], out: Path, threads: int) -> Path:
     eval_dir = out / "eval"
     if eval_dir.exists():
@@ -178,6 +185,14 @@ def main() -> None:
         if walls:
             print(
                 f"{method}: {sum(walls) / 60:.1f} min of attribute.py for {len(walls)} concepts", flush=True
+            )
+        # A run linked in from another --out has no wall time here; its own ranking.json still says how
+        # long the attributor took (preparing, then scoring: the process start and model load excluded).
+        inside = [ranking_seconds(out / method / c) for c in per_concept]
+        if all(s is not None for s in inside):
+            print(
+                f"{method}: {sum(inside):.0f} s inside the attributor (ranking.json timing)",
+                flush=True,
             )
     print(f"\nBenchmark: {root}\nRuns: {out}\nTable: {eval_dir / 'abc.md'}\nPlot: {eval_dir / 'abc.png'}")
 
@@ -290,6 +305,7 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
                 "query_loss_rise": [round(r, 3) for r in rises],
                 "aps": [round(a, 3) for a in aps],
                 "ap_log_ratio": float(np.mean(relative_aps)),
+                "aps_log_ratio": [round(a, 3) for a in relative_aps],
                 "fisher_s": fisher_s,
                 "seconds_per_query": (time.perf_counter() - point_started) / len(prompts),
             }
