@@ -73,10 +73,13 @@ def attribute(root: Path, concept: str, method: str, out: Path, overrides: list[
 
 
 def ranking_seconds(run_dir: Path) -> float | None:
-    """Seconds the attributor reported in the run's ranking.json (prepare + score), None if absent."""
+    """Seconds the attributor reported in the run's ranking.json (prepare_s + score_s, the two phases
+    jobs/attribute.py times), None if absent."""
     path = run_dir / "ranking.json"
-    timing = json.loads(path.read_text()).get("timing", {}) if path.is_file() else {}
-    return sum(timing.values()) if timing else None
+    timing = (json.loads(path.read_text()).get("timing") or {}) if path.is_file() else {}
+    if "prepare_s" not in timing or "score_s" not in timing:
+        return None
+    return timing["prepare_s"] + timing["score_s"]
 
 
 def evaluate(run_dirs: list[Path], out: Path, threads: int) -> Path:
