@@ -36,13 +36,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from project_commands import run_project_command as run  # noqa: E402
 
-from diffusion_attribution.data.abc_embedded import (  # noqa: E402
-    OBJECT_CONCEPTS,
-    STYLE_CONCEPTS,
-    AbcEmbeddedSettings,
-    build_abc_embedded,
-)
-from diffusion_attribution.methods.weight_subsets import SUBSETS  # noqa: E402
+from diffusion_attribution.data.abc_embedded import OBJECT_CONCEPTS, STYLE_CONCEPTS
+from diffusion_attribution.evaluation.abc_embedded_build import AbcEmbeddedSettings, build_abc_embedded
+from diffusion_attribution.models.weight_subsets import SUBSETS
 
 DEFAULT_METHODS = ["unlearning", "dtrak", "pixel", "random"]
 
@@ -205,15 +201,16 @@ def calibrate(root: Path, args: argparse.Namespace, settings: AbcEmbeddedSetting
     """Unlearning settings on calibration queries of a few concepts, scored on a subset of the pool."""
     import numpy as np
 
+    from diffusion_attribution.attribution.unlearning.scores import unlearning_scores
+    from diffusion_attribution.attribution.unlearning.step import preserved_parameters, unlearn
+    from diffusion_attribution.curvature.diagonal import compute_fisher
+    from diffusion_attribution.curvature.ekfac import compute_ekfac
     from diffusion_attribution.data.abc_embedded import AbcEmbeddedDataModule, query_prompts
     from diffusion_attribution.evaluation.retrieval import retrieval_metrics
-    from diffusion_attribution.methods.weight_subsets import select_parameters
     from diffusion_attribution.models.pipeline import TextToImageModel
     from diffusion_attribution.models.sampling import generate
-    from diffusion_attribution.modules.ekfac import compute_ekfac
-    from diffusion_attribution.modules.fisher import compute_fisher
-    from diffusion_attribution.modules.loss_sweep import per_sample_losses, unlearning_scores
-    from diffusion_attribution.modules.unlearning import preserved_parameters, unlearn
+    from diffusion_attribution.models.weight_subsets import select_parameters
+    from diffusion_attribution.objective.sweep import per_sample_losses
 
     def pool_losses(model, dataset, ids, timesteps, captions: str):
         """The scoring sweep; `captions` is "all" or caption indices joined by "+"."""

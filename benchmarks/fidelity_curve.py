@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from diffusion_attribution.evaluation.fidelity import run_fidelity_benchmark  # noqa: E402
-from diffusion_attribution.jobs.train import export_lightning_checkpoint  # noqa: E402
+from diffusion_attribution.training.fit import export_lightning_checkpoint  # noqa: E402
 
 
 def minutes_at_steps(train_log: Path) -> dict[int, float]:

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_attribution.data.shapes import ShapesDataModule
 from diffusion_attribution.models.build import build_tiny_model
-from diffusion_attribution.modules.loss_sweep import per_sample_losses
+from diffusion_attribution.objective.sweep import per_sample_losses
 
 PAPER_MSCOCO_FORWARDS = 23.7e6
 CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"

@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from diffusion_attribution.models.loading import model_from_config
-from diffusion_attribution.modules.training import DiffusionTrainingModule
+from diffusion_attribution.training.module import DiffusionTrainingModule
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

@@ -38,23 +38,23 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rare_concept_retrieval import concept_prompts, data_overrides  # noqa: E402
 
-from diffusion_attribution.data.queries import Query  # noqa: E402
-from diffusion_attribution.evaluation.retrieval import concept_index, retrieval_metrics  # noqa: E402
-from diffusion_attribution.methods.trak import (  # noqa: E402
+from diffusion_attribution.attribution.queries import Query
+from diffusion_attribution.attribution.trak import (
     JourneyTRAKAttributor,
     TRAKAttributor,
     gram_factor,
     kernel_solve,
 )
-from diffusion_attribution.methods.weight_subsets import select_parameters  # noqa: E402
-from diffusion_attribution.models.pipeline import TextToImageModel  # noqa: E402
-from diffusion_attribution.models.sampling import generate  # noqa: E402
-from diffusion_attribution.modules.fisher import encode_captions, evaluation_mode  # noqa: E402
-from diffusion_attribution.modules.output_gradients import (  # noqa: E402
+from diffusion_attribution.autograd.output_gradients import (
     per_sample_output_gradients,
     training_gradient_means,
 )
-from diffusion_attribution.modules.projection import BlockwiseProjection  # noqa: E402
+from diffusion_attribution.autograd.projection import BlockwiseProjection
+from diffusion_attribution.evaluation.retrieval import concept_index, retrieval_metrics  # noqa: E402
+from diffusion_attribution.models.pipeline import TextToImageModel  # noqa: E402
+from diffusion_attribution.models.sampling import generate  # noqa: E402
+from diffusion_attribution.models.weight_subsets import select_parameters
+from diffusion_attribution.objective.loss import encode_captions, evaluation_mode
 
 METHODS = {
     "trak": ("loss", "loss"),

@@ -21,16 +21,16 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from diffusion_attribution.data.shapes import ShapesDataModule
-from diffusion_attribution.methods.weight_subsets import count_parameters, select_parameters
-from diffusion_attribution.models.build import build_tiny_model
-from diffusion_attribution.modules.fisher import evaluation_mode
-from diffusion_attribution.modules.output_gradients import (
+from diffusion_attribution.autograd.output_gradients import (
     per_sample_output_gradients,
     resolve_method,
     training_gradient_means,
 )
-from diffusion_attribution.modules.projection import BlockwiseProjection
+from diffusion_attribution.autograd.projection import BlockwiseProjection
+from diffusion_attribution.data.shapes import ShapesDataModule
+from diffusion_attribution.models.build import build_tiny_model
+from diffusion_attribution.models.weight_subsets import count_parameters, select_parameters
+from diffusion_attribution.objective.loss import evaluation_mode
 
 CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_POINTS_PER_EXAMPLE = 10  # conf/method/trak.yaml: 10 timesteps x 1 caption x no flips

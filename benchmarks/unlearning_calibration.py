@@ -29,16 +29,17 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from diffusion_attribution.attribution.unlearning.scores import unlearning_scores
+from diffusion_attribution.attribution.unlearning.step import preserved_parameters, unlearn
+from diffusion_attribution.curvature.diagonal import compute_fisher
+from diffusion_attribution.curvature.ekfac import compute_ekfac
 from diffusion_attribution.data.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapesDataModule, prompt_for
 from diffusion_attribution.evaluation.attribute_reader import load_or_train_reader
 from diffusion_attribution.evaluation.retrieval import retrieval_metrics
-from diffusion_attribution.methods.weight_subsets import select_parameters
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.sampling import generate
-from diffusion_attribution.modules.ekfac import compute_ekfac
-from diffusion_attribution.modules.fisher import compute_fisher
-from diffusion_attribution.modules.loss_sweep import per_sample_losses, unlearning_scores
-from diffusion_attribution.modules.unlearning import preserved_parameters, unlearn
+from diffusion_attribution.models.weight_subsets import select_parameters
+from diffusion_attribution.objective.sweep import per_sample_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SETTINGS = [

@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from diffusion_attribution.compute import sharded
+from diffusion_attribution.curvature.diagonal import run_fisher
 from diffusion_attribution.data.shapes import ShapesDataModule
 from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.modules import sharded_sweep
-from diffusion_attribution.modules.sharded_sweep import SweepConfig, run_fisher, run_loss_sweep
+from diffusion_attribution.objective.sweep import SweepConfig, run_loss_sweep
 
 # The tiny world of tests/conftest.py (TINY_WORLD); repeated here so the script needs no pytest.
 WORLD = {"num_common": 64, "images_per_rare_concept": 4}
@@ -72,14 +73,14 @@ def main() -> None:
     torch.set_num_threads(1)
     checkpoint, cache_dir, out_dir, devices = sys.argv[1:5]
     computed: dict[str, list[int]] = {"sweep": [], "fisher": []}
-    inner = sharded_sweep.ShardedPredictModule.predict_step
+    inner = sharded.ShardedPredictModule.predict_step
 
     def counting_predict_step(self, batch, batch_idx):  # records the shards this process computes
-        todo = [s for s in batch.tolist() if not sharded_sweep.shard_path(self.out_dir, s).is_file()]
+        todo = [s for s in batch.tolist() if not sharded.shard_path(self.out_dir, s).is_file()]
         computed[self.out_dir.name].extend(todo)
         return inner(self, batch, batch_idx)
 
-    sharded_sweep.ShardedPredictModule.predict_step = counting_predict_step
+    sharded.ShardedPredictModule.predict_step = counting_predict_step
     trainer_kwargs = {
         "accelerator": "cpu",
         "devices": int(devices),

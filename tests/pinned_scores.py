@@ -44,8 +44,20 @@ METHODS: dict[str, list[str]] = {
         "method.shard_size=20",
         *SHARED,
     ],
-    "trak": ["method=trak", "method.projection_dim=64", "method.num_timesteps=2", "method.shard_size=20", *SHARED],
-    "dtrak": ["method=dtrak", "method.projection_dim=64", "method.num_timesteps=2", "method.shard_size=20", *SHARED],
+    "trak": [
+        "method=trak",
+        "method.projection_dim=64",
+        "method.num_timesteps=2",
+        "method.shard_size=20",
+        *SHARED,
+    ],
+    "dtrak": [
+        "method=dtrak",
+        "method.projection_dim=64",
+        "method.num_timesteps=2",
+        "method.shard_size=20",
+        *SHARED,
+    ],
     "pixel": ["method=pixel"],
     "random": ["method=random"],
 }
@@ -53,7 +65,7 @@ METHODS: dict[str, list[str]] = {
 
 def queries(model, datamodule) -> list:
     """Two fixed queries: a training image under its own caption, and a blend of two others."""
-    from diffusion_attribution.data.queries import Query
+    from diffusion_attribution.attribution.queries import Query
 
     dataset = datamodule.full_dataset()
     first = dataset.example(3)["pixel_values"]
@@ -68,7 +80,7 @@ def queries(model, datamodule) -> list:
 
 
 def compute_scores(work_dir: Path) -> dict[str, np.ndarray]:
-    from diffusion_attribution.methods.base import AttributionContext
+    from diffusion_attribution.attribution.base import AttributionContext
 
     torch.set_num_threads(1)
     datamodule = small_world(work_dir / "data")

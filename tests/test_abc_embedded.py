@@ -15,7 +15,6 @@ from compose_jobs import compose_job
 from hydra.core.hydra_config import HydraConfig
 from small_models import small_model
 
-from diffusion_attribution.data import abc_embedded
 from diffusion_attribution.data.abc_embedded import (
     FRAME,
     OBJECT_COLOURS,
@@ -23,14 +22,17 @@ from diffusion_attribution.data.abc_embedded import (
     STYLE_CONCEPTS,
     TOKEN,
     AbcEmbeddedDataModule,
-    AbcEmbeddedSettings,
-    base_data_settings,
-    build_abc_embedded,
     query_prompts,
     render_exemplars,
 )
 from diffusion_attribution.data.base import DataError
 from diffusion_attribution.data.shapes import BACKGROUNDS, COLOURS, CONCEPT_COLOURS, ShapesDataModule
+from diffusion_attribution.evaluation import abc_embedded_build
+from diffusion_attribution.evaluation.abc_embedded_build import (
+    AbcEmbeddedSettings,
+    base_data_settings,
+    build_abc_embedded,
+)
 from diffusion_attribution.jobs.attribute import run_attribution
 from diffusion_attribution.jobs.evaluate import run_benchmark
 from diffusion_attribution.models.pipeline import TextToImageModel
@@ -143,7 +145,7 @@ def test_build_writes_models_queries_and_ground_truth(built: tuple[Path, int], m
         ).is_file()
     # Cached: a second build finds every concept and customizes nothing.
     monkeypatch.setattr(
-        abc_embedded, "customize_concept", lambda *a, **k: pytest.fail("rebuilt a cached concept")
+        abc_embedded_build, "customize_concept", lambda *a, **k: pytest.fail("rebuilt a cached concept")
     )
     assert build_abc_embedded(info["base_checkpoint"], root.parent, SETTINGS) == root
 

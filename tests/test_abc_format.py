@@ -15,19 +15,18 @@ from fixtures_models import TEXT_WIDTH, write_tiny_sd_components
 from omegaconf import OmegaConf
 from PIL import Image
 
-from diffusion_attribution.data.abc import (
+from diffusion_attribution.compute.inputs import encode_exemplar_latents
+from diffusion_attribution.data.abc import AbcDataModule, read_abc_entry
+from diffusion_attribution.data.base import DataError
+from diffusion_attribution.models.customization import (
     TOKEN_FILE,
     WEIGHTS_FILE,
-    AbcDataModule,
+    CustomizationError,
     apply_abc_customization,
-    encode_exemplar_latents,
-    read_abc_entry,
 )
-from diffusion_attribution.data.base import DataError
-from diffusion_attribution.methods.weight_subsets import select_parameters
 from diffusion_attribution.models.loading import model_from_config
 from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.modules.customization import CustomizationError
+from diffusion_attribution.models.weight_subsets import select_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 CLASS_ID = "n02084071_0001"
@@ -149,15 +148,15 @@ def test_missing_and_unexpected_keys_are_errors(sd: Path, abc_root: Path) -> Non
 
 def test_missing_or_unsafe_files_are_errors(sd: Path, abc_root: Path) -> None:
     (model_dir(abc_root) / TOKEN_FILE).unlink()
-    with pytest.raises(DataError, match=r"<new1>\.bin does not exist"):
+    with pytest.raises(CustomizationError, match=r"<new1>\.bin does not exist"):
         apply_abc_customization(TextToImageModel.from_pretrained(sd), model_dir(abc_root))
     torch.save({"<new1>": torch.zeros(TEXT_WIDTH)}, model_dir(abc_root) / TOKEN_FILE)
     (model_dir(abc_root) / WEIGHTS_FILE).unlink()
-    with pytest.raises(DataError, match="pytorch_custom_diffusion_weights.pt does not exist"):
+    with pytest.raises(CustomizationError, match="pytorch_custom_diffusion_weights.pt does not exist"):
         apply_abc_customization(TextToImageModel.from_pretrained(sd), model_dir(abc_root))
     # A pickled object (not plain tensors) is refused by torch.load(weights_only=True).
     torch.save({"weights": np.arange(3, dtype=object)}, model_dir(abc_root) / WEIGHTS_FILE)
-    with pytest.raises(DataError, match="weights_only=True"):
+    with pytest.raises(CustomizationError, match="weights_only=True"):
         apply_abc_customization(TextToImageModel.from_pretrained(sd), model_dir(abc_root))
     with pytest.raises(DataError, match="test_nothing.json does not exist"):
         read_abc_entry(abc_root, "test_nothing", 0)

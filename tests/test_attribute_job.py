@@ -29,7 +29,7 @@ from diffusion_attribution.jobs.attribute import (
 from diffusion_attribution.jobs.train import run_training
 from diffusion_attribution.models.build import build_tiny_model
 from diffusion_attribution.models.pipeline import CheckpointError
-from diffusion_attribution.modules import sharded_sweep
+from diffusion_attribution.objective import sweep as loss_sweep
 
 # The world the tiny model is trained on and attributed against.
 # The white-pattern world: the self-attribution test's queries and settings were tuned on the tiny
@@ -122,13 +122,13 @@ def shard_times(root: Path) -> dict[Path, int]:
 
 def count_sweep_shards(monkeypatch) -> list[int]:
     calls: list[int] = []
-    inner = sharded_sweep.per_sample_losses
+    inner = loss_sweep.per_sample_losses
 
     def counted(*args, **kwargs):
         calls.append(1)
         return inner(*args, **kwargs)
 
-    monkeypatch.setattr(sharded_sweep, "per_sample_losses", counted)
+    monkeypatch.setattr(loss_sweep, "per_sample_losses", counted)
     return calls
 
 
@@ -231,7 +231,7 @@ def test_scores_do_not_depend_on_the_batch_size(
     np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-6)
 
 
-def test_sgd_update_runs_end_to_end(checkpoint, world_overrides, datamodule, tmp_path: Path) -> None:
+def test_identity_curvature_runs_end_to_end(checkpoint, world_overrides, datamodule, tmp_path: Path) -> None:
     (image,), (caption,) = write_training_images(datamodule, [5], tmp_path / "images")
     run_dir = tmp_path / "run"
     cfg = attribute_cfg(
@@ -241,35 +241,35 @@ def test_sgd_update_runs_end_to_end(checkpoint, world_overrides, datamodule, tmp
         f"query.images=['{image}']",
         f"query.captions=['{caption}']",
         *FAST_METHOD,
-        "method.update=sgd",
+        "method/curvature=identity",
         "method.step_size=1.0",
     )
     scores = run_attribution(cfg, run_dir)
     assert scores.shape == (1, NUM_EXAMPLES) and np.isfinite(scores).all() and np.abs(scores).max() > 0
     ranking = json.loads((run_dir / "ranking.json").read_text())
-    assert ranking["method_config"]["update"] == "sgd"
-    assert ranking["queries"][0]["diagnostics"]["update"] == "sgd"
-    assert not (tmp_path / "cache" / "fisher").exists()  # sgd needs no Fisher
+    assert ranking["method_config"]["curvature"]["curvature"] == "identity"
+    assert ranking["queries"][0]["diagnostics"]["curvature"] == "identity"
+    assert not (tmp_path / "cache" / "curvature").exists()  # plain gradient ascent fits nothing
 
 
-def test_ekfac_update_runs_end_to_end(checkpoint, world_overrides, datamodule, tmp_path: Path) -> None:
-    """method.update=ekfac: the factors are computed once, cached beside the Fisher files, and reused
+def test_ekfac_curvature_runs_end_to_end(checkpoint, world_overrides, datamodule, tmp_path: Path) -> None:
+    """method/curvature=ekfac: the factors are computed once, cached beside the Fisher files, and reused
     by a second run with the same model, data and subset."""
     (image,), (caption,) = write_training_images(datamodule, [5], tmp_path / "images")
     overrides = [f"query.images=['{image}']", f"query.captions=['{caption}']", *FAST_METHOD]
-    overrides += ["method.update=ekfac", "method.step_size=1e-3"]
+    overrides += ["method/curvature=ekfac", "method.step_size=1e-3"]
     scores = run_attribution(
         attribute_cfg(checkpoint, world_overrides, tmp_path / "run", *overrides), tmp_path / "run"
     )
     assert scores.shape == (1, NUM_EXAMPLES) and np.isfinite(scores).all() and np.abs(scores).max() > 0
     ranking = json.loads((tmp_path / "run" / "ranking.json").read_text())
     assert ranking["method"] == "unlearning:ekfac"  # apart from AbU in every results table
-    assert ranking["queries"][0]["diagnostics"]["update"] == "ekfac"
+    assert ranking["queries"][0]["diagnostics"]["curvature"] == "ekfac"
     assert (
         ranking["queries"][0]["diagnostics"]["loss_after"]
         > ranking["queries"][0]["diagnostics"]["loss_before"]
     )
-    cached = sorted((tmp_path / "cache" / "fisher").glob("ekfac-*.safetensors"))
+    cached = sorted((tmp_path / "cache" / "curvature").glob("ekfac-*.safetensors"))
     assert len(cached) == 1
     HydraConfig.instance().cfg = None
     stamp = cached[0].stat().st_mtime_ns
@@ -307,7 +307,7 @@ def test_ekfac_update_runs_end_to_end(checkpoint, world_overrides, datamodule, t
 #   that do rank first have margins of only 1.03-1.1, too close to be a stable test.
 SELF_METHOD = [
     "method.params=all",
-    "method.damping=1.0",
+    "method.curvature.damping=1.0",
     "method.step_size=1e-5",
     "method.num_samples=64",
     "method.timesteps=[100,300,500,700,900]",
@@ -410,11 +410,7 @@ def test_a_checkpoint_older_than_a_data_setting_was_trained_with_its_default(tmp
     "override,message",
     [
         ("method.params=everything", r"Unknown method.params='everything'. Options: kv: .*all: every UNet"),
-        (
-            "method.update=adam",
-            r"Unknown method.update='adam'; options: \('fisher', 'newton', 'sgd', 'ekfac'\)",
-        ),
-        ("method.update=ekfac method.params=all", r"method.update=ekfac covers Linear layers only"),
+        ("method/curvature=ekfac method.params=all", r"method/curvature=ekfac covers Linear layers only"),
         ("method.target_loss_rise=0", r"method.target_loss_rise must be a positive fraction.*null keeps"),
         ("method.score=ratio", r"Unknown method.score='ratio'; options: \('difference', 'log_ratio'\)"),
     ],
@@ -430,3 +426,11 @@ def test_bad_method_settings_fail_before_any_work(
         run_attribution(cfg, run_dir)
     assert isinstance(error.value.__cause__, ValueError)
     assert not (run_dir / "queries").exists() and not (tmp_path / "cache").exists()
+
+
+def test_an_unknown_curvature_lists_the_options(tmp_path: Path) -> None:
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="(?s)adam.*diagonal.*ekfac.*identity.*newton"):
+        compose_job("attribute", ["model.path=x", "method/curvature=adam"], tmp_path / "run")
+    HydraConfig.instance().cfg = None

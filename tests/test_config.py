@@ -235,8 +235,16 @@ def test_every_method_composes_with_every_experiment(experiment: str, method: st
     preset_file = CONF_DIR / "method_preset" / experiment / f"{method}.yaml"
     preset = OmegaConf.to_container(OmegaConf.load(preset_file)) if preset_file.is_file() else {}
     assert set(plain_method) == set(alone) | set(preset)
+    assert_merged(plain_method, preset)
+
+
+def assert_merged(merged: dict, preset: dict, where: str = "method") -> None:
+    """Every value the preset sets is in the merged config (nested nodes, e.g. the curvature, by key)."""
     for key, value in preset.items():
-        assert plain_method[key] == value, key
+        if isinstance(value, dict):
+            assert_merged(merged[key], value, f"{where}.{key}")
+        else:
+            assert merged[key] == value, f"{where}.{key}"
 
 
 @pytest.mark.parametrize(("experiment", "method"), PRESETS)

@@ -15,18 +15,18 @@ from small_models import small_model
 from diffusion_attribution.data.abc_embedded import render_exemplars, write_image_folder
 from diffusion_attribution.data.customization import CustomizationDataModule
 from diffusion_attribution.jobs.train import run_training
-from diffusion_attribution.methods.weight_subsets import select_parameters
-from diffusion_attribution.models.loading import model_from_config
-from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.models.sampling import generate
-from diffusion_attribution.modules.customization import (
+from diffusion_attribution.models.customization import (
     DELTA_FILE,
-    CustomDiffusionModule,
     CustomizationError,
     add_concept_tokens,
     load_customization,
     token_embedding_table,
 )
+from diffusion_attribution.models.loading import model_from_config
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.models.sampling import generate
+from diffusion_attribution.models.weight_subsets import select_parameters
+from diffusion_attribution.training.customization import CustomDiffusionModule
 
 RESOLUTION = 16
 PROMPT = "a red <new1> on a black background"

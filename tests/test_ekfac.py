@@ -9,25 +9,28 @@ import pytest
 import torch
 from small_models import SMALLER, small_model, small_world
 
-from diffusion_attribution.data.base import CaptionedImageDataset
-from diffusion_attribution.methods.unlearning import UnlearningAttributor
-from diffusion_attribution.methods.weight_subsets import select_parameters
-from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.modules.ekfac import (
+from diffusion_attribution.attribution.unlearning.attributor import UnlearningAttributor
+from diffusion_attribution.attribution.unlearning.step import (
+    preserved_parameters,
+    query_loss_gradient,
+    unlearn,
+)
+from diffusion_attribution.autograd.per_sample import per_sample_gradients
+from diffusion_attribution.curvature.base import FisherError
+from diffusion_attribution.curvature.diagonal import compute_fisher
+from diffusion_attribution.curvature.ekfac import (
     EKFAC,
+    EKFACCurvature,
     accumulate_eigenvalues,
     accumulate_factors,
     compute_ekfac,
     linear_blocks,
     run_ekfac,
 )
-from diffusion_attribution.modules.fisher import (
-    FisherError,
-    compute_fisher,
-    per_sample_gradients,
-    training_loss_batches,
-)
-from diffusion_attribution.modules.unlearning import preserved_parameters, query_loss_gradient, unlearn
+from diffusion_attribution.data.base import CaptionedImageDataset
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.models.weight_subsets import select_parameters
+from diffusion_attribution.objective.batches import training_loss_batches
 
 IDS = [0, 3, 7, 12, 21, 30]
 
@@ -213,29 +216,29 @@ def test_save_load_and_validate(model, dataset, tmp_path: Path) -> None:
 
 
 def test_unlearning_with_ekfac(model, dataset) -> None:
-    """update='ekfac' moves θ by α times the preconditioned gradient and raises the query's loss."""
+    """The EK-FAC curvature moves θ by α times the preconditioned gradient and raises the query's loss."""
     params = select_parameters(model.unet, "kv")
     ekfac = compute_ekfac(model, dataset, IDS, "kv", batch_size=8, progress=False)
     query = dataset.example(IDS[0], 0)
     before = {n: p.detach().clone() for n, p in params.items()}
     gradient = query_loss_gradient(model, query["pixel_values"], query["caption"], params, 16, 0)
     expected = ekfac.precondition(gradient, len(IDS), 0.1)
+    curvature = EKFACCurvature.from_factors(ekfac, damping=0.1)
     with preserved_parameters(params):
-        record = unlearn(
-            model, query["pixel_values"], query["caption"], ekfac, params, 1, 1e-3, 16, None, 0.1, "ekfac"
-        )
+        record = unlearn(model, query["pixel_values"], query["caption"], curvature, params, 1, 1e-3, 16, None)
         for name, p in params.items():
             torch.testing.assert_close(p.detach(), before[name] + 1e-3 * expected[name], rtol=1e-5, atol=1e-7)
-    assert record.update == "ekfac" and record.num_train == len(IDS) and record.damping == 0.1
+    assert record.curvature == "ekfac" and record.num_train == len(IDS) and record.damping == 0.1
     assert record.loss_after > record.loss_before
-    with pytest.raises(ValueError, match="EK-FAC factors"):
-        unlearn(model, query["pixel_values"], query["caption"], None, params, update="ekfac")
-    with pytest.raises(ValueError, match="update='ekfac'"):
-        unlearn(model, query["pixel_values"], query["caption"], ekfac, params, update="fisher")
+    with pytest.raises(ValueError, match="EK-FAC curvature has not been fitted"):
+        unlearn(model, query["pixel_values"], query["caption"], EKFACCurvature(), params)
+    with pytest.raises(ValueError, match="computed for other weights"):
+        wrong = select_parameters(model.unet, "cross_attn")
+        unlearn(model, query["pixel_values"], query["caption"], curvature, wrong, num_train=10)
 
 
 def test_non_linear_subsets_are_refused(model) -> None:
     with pytest.raises(ValueError, match="Linear layers only"):
         linear_blocks(model.unet, select_parameters(model.unet, "all"))
     with pytest.raises(ValueError, match="method.params=all"):
-        UnlearningAttributor(params="all", update="ekfac")
+        UnlearningAttributor(EKFACCurvature(), params="all")

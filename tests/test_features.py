@@ -18,12 +18,12 @@ from fixtures_backbones import WRITERS, write_tiny_dino
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 
+from diffusion_attribution.attribution.base import AttributionContext
+from diffusion_attribution.attribution.features import FeatureAttributor
+from diffusion_attribution.attribution.queries import Query
+from diffusion_attribution.attribution.random_ranking import RandomAttributor
 from diffusion_attribution.data.base import tensor_to_image
-from diffusion_attribution.data.queries import Query
 from diffusion_attribution.jobs.attribute import run_attribution
-from diffusion_attribution.methods.base import AttributionContext
-from diffusion_attribution.methods.features import FeatureAttributor
-from diffusion_attribution.methods.random_ranking import RandomAttributor
 from diffusion_attribution.models import backbones
 from diffusion_attribution.models.backbones import BackboneError, load_backbone
 

@@ -10,17 +10,17 @@ import torch
 import torch.distributed as dist
 from small_models import SMALLER, small_model, small_world
 
-from diffusion_attribution.data.base import CaptionedImageDataset
-from diffusion_attribution.methods.weight_subsets import select_parameters
-from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.modules.fisher import (
+from diffusion_attribution.curvature.base import FisherError
+from diffusion_attribution.curvature.diagonal import (
     FisherDiagonal,
-    FisherError,
     accumulate_fisher,
     all_reduce_fisher_sums,
     compute_fisher,
-    fisher_draw,
 )
+from diffusion_attribution.data.base import CaptionedImageDataset
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.models.weight_subsets import select_parameters
+from diffusion_attribution.objective.draws import fisher_draw
 
 
 @pytest.fixture(scope="module")

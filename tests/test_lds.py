@@ -95,7 +95,7 @@ def test_lds_plans_one_retrain_per_subset_for_all_methods(shapes_cache: Path, tm
 def test_lds_end_to_end_on_subset_retrains(shapes_cache: Path, tmp_path: Path) -> None:
     """Two methods over 3 subset retrains of a 4-step keyed recipe: one LDS per method and query,
     the subset losses are the retrained models' fixed-noise losses."""
-    from diffusion_attribution.data.queries import build_queries
+    from diffusion_attribution.attribution.queries import build_queries
     from diffusion_attribution.jobs.train import run_training
     from diffusion_attribution.models.pipeline import TextToImageModel
 

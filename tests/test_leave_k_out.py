@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from diffusion_attribution.data.queries import build_queries
+from diffusion_attribution.attribution.queries import build_queries
 from diffusion_attribution.evaluation import leave_k_out, retraining
 from diffusion_attribution.evaluation.leave_k_out import (
     Reference,
@@ -34,8 +34,8 @@ from diffusion_attribution.evaluation.retraining import RetrainError, RetrainPla
 from diffusion_attribution.jobs.evaluate import run_benchmark
 from diffusion_attribution.jobs.train import run_training
 from diffusion_attribution.models.pipeline import CONFIG_FILE, TextToImageModel
-from diffusion_attribution.modules.callbacks import ProgressLogCallback
-from diffusion_attribution.modules.keyed_training import ExampleKeyedTrainingModule, epoch_order
+from diffusion_attribution.training.callbacks import ProgressLogCallback
+from diffusion_attribution.training.keyed import ExampleKeyedTrainingModule, epoch_order
 
 NUM_EXAMPLES = 96  # FAST_TRAIN's world: 64 plain + 8 concepts x 4
 STEPS = 6

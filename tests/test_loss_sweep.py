@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 from small_models import small_model, small_world
 
+from diffusion_attribution.attribution.unlearning.scores import reduce_flips, unlearning_scores
 from diffusion_attribution.data.base import CaptionedImageDataset, CaptionedImageSource
 from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.modules.loss_sweep import per_sample_losses, reduce_flips, unlearning_scores
+from diffusion_attribution.objective.sweep import per_sample_losses
 from diffusion_attribution.utils.seeding import keyed_randn
 
 TIMESTEPS = [0, 250, 500, 999]

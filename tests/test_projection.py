@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from diffusion_attribution.modules.projection import BlockwiseProjection, ProjectionError
+from diffusion_attribution.autograd.projection import BlockwiseProjection, ProjectionError
 
 SHAPES = {"down.attn2.to_k.weight": (24, 40), "down.attn2.to_v.weight": (24, 40), "mid.bias": (37,)}
 NUM_INPUTS = 24 * 40 * 2 + 37

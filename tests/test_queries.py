@@ -15,8 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusion_attribution.data.base import tensor_to_image
-from diffusion_attribution.data.queries import (
+from diffusion_attribution.attribution.queries import (
     QueryError,
     build_mask,
     build_queries,
@@ -24,6 +23,7 @@ from diffusion_attribution.data.queries import (
     query_specs,
     read_query_file,
 )
+from diffusion_attribution.data.base import tensor_to_image
 from diffusion_attribution.models.sampling import generate
 
 PROMPTS = ["a red circle on a black background", "a striped blue square on a white background"]
@@ -239,7 +239,7 @@ def test_bad_masks(model, training_png, tmp_path: Path) -> None:
 def test_bad_query_fails_before_generating(model, monkeypatch, tmp_path: Path) -> None:
     """A bad image query next to prompt queries: the error comes before any sampling is spent."""
     calls = []
-    monkeypatch.setattr("diffusion_attribution.data.queries.generate", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("diffusion_attribution.attribution.queries.generate", lambda *a, **k: calls.append(1))
     cfg = query_cfg(prompts=PROMPTS, seeds=[1, 2], boxes=[[0, 0, 40, 40], None])
     with pytest.raises(QueryError, match="Box"):
         build_queries(cfg, model, tmp_path)

@@ -18,18 +18,12 @@ from ddp_sweep_script import BATCH_SIZE, CONFIG, IDENTITY, IDS, SHARD_SIZE, SUBS
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from diffusion_attribution.compute.sharded import SweepInterrupted, shard_path
+from diffusion_attribution.curvature.diagonal import accumulate_fisher, run_fisher
 from diffusion_attribution.data.shapes import ShapesDataModule
 from diffusion_attribution.models.build import build_tiny_model
-from diffusion_attribution.modules import sharded_sweep
-from diffusion_attribution.modules.fisher import accumulate_fisher
-from diffusion_attribution.modules.loss_sweep import per_sample_losses
-from diffusion_attribution.modules.sharded_sweep import (
-    SweepConfig,
-    SweepInterrupted,
-    run_fisher,
-    run_loss_sweep,
-    shard_path,
-)
+from diffusion_attribution.objective import sweep as loss_sweep
+from diffusion_attribution.objective.sweep import SweepConfig, per_sample_losses, run_loss_sweep
 
 SINGLE = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 
@@ -108,7 +102,7 @@ def counting_losses(monkeypatch, fail_after: int | None = None) -> list[int]:
         calls.append(len(kwargs.get("ids", args[2])))
         return per_sample_losses(*args, **kwargs)
 
-    monkeypatch.setattr(sharded_sweep, "per_sample_losses", wrapped)
+    monkeypatch.setattr(loss_sweep, "per_sample_losses", wrapped)
     return calls
 
 
@@ -153,7 +147,7 @@ def test_sigterm_stops_the_sweep_between_shards_and_it_resumes(
             os.kill(os.getpid(), signal.SIGTERM)  # handled by Lightning's handler, not fatal
         return per_sample_losses(*args, **kwargs)
 
-    monkeypatch.setattr(sharded_sweep, "per_sample_losses", terminated_during_second_shard)
+    monkeypatch.setattr(loss_sweep, "per_sample_losses", terminated_during_second_shard)
     out = tmp_path / "sweep"
     with pytest.raises(SweepInterrupted, match=r"SIGTERM received: stopped before shard 2.*again to resume"):
         sweep(world, out, shard_size=5)
@@ -163,7 +157,7 @@ def test_sigterm_stops_the_sweep_between_shards_and_it_resumes(
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # Lightning restored the handler
 
     calls.clear()
-    monkeypatch.setattr(sharded_sweep, "per_sample_losses", per_sample_losses)
+    monkeypatch.setattr(loss_sweep, "per_sample_losses", per_sample_losses)
     torch.testing.assert_close(sweep(world, out, shard_size=5), reference, atol=1e-6, rtol=0)
 
 

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 from diffusion_attribution.data.base import collate_examples
 from diffusion_attribution.jobs.train import resolve_resume, run_training
 from diffusion_attribution.models.pipeline import CONFIG_FILE, TextToImageModel
-from diffusion_attribution.modules.training import DiffusionTrainingModule, warmup_cosine
+from diffusion_attribution.training.module import DiffusionTrainingModule, warmup_cosine
 
 
 def fixed_batch(datamodule, ids=range(8)) -> dict:

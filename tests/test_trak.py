@@ -24,12 +24,10 @@ from test_attribute_job import (  # noqa: F401  (pytest fixtures)
     write_training_images,
 )
 
-from diffusion_attribution.data.queries import Query, QueryError
-from diffusion_attribution.data.shapes import ShapesDataModule
-from diffusion_attribution.jobs.attribute import run_attribution
-from diffusion_attribution.methods import trak as trak_module
-from diffusion_attribution.methods.base import AttributionContext
-from diffusion_attribution.methods.trak import (
+from diffusion_attribution.attribution import trak as trak_module
+from diffusion_attribution.attribution.base import AttributionContext
+from diffusion_attribution.attribution.queries import Query, QueryError
+from diffusion_attribution.attribution.trak import (
     TRAK_QUERY_STREAM,
     DTRAKAttributor,
     JourneyTRAKAttributor,
@@ -40,11 +38,14 @@ from diffusion_attribution.methods.trak import (
     kernel_solve,
     woodbury_solve,
 )
-from diffusion_attribution.methods.weight_subsets import select_parameters
+from diffusion_attribution.autograd.output_gradients import per_sample_output_gradients
+from diffusion_attribution.autograd.projection import BlockwiseProjection, ProjectionError
+from diffusion_attribution.data.shapes import ShapesDataModule
+from diffusion_attribution.jobs.attribute import run_attribution
 from diffusion_attribution.models.sampling import generate, sampler_timesteps
-from diffusion_attribution.modules.fisher import squared_error
-from diffusion_attribution.modules.output_gradients import TRAK_STREAM, per_sample_output_gradients
-from diffusion_attribution.modules.projection import BlockwiseProjection, ProjectionError
+from diffusion_attribution.models.weight_subsets import select_parameters
+from diffusion_attribution.objective.draws import TRAK_STREAM
+from diffusion_attribution.objective.loss import squared_error
 from diffusion_attribution.utils.seeding import keyed_randn
 
 SINGLE = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}

@@ -9,20 +9,27 @@ import pytest
 import torch
 from small_models import SMALLER, small_model
 
-from diffusion_attribution.data.shapes import ShapesDataModule
-from diffusion_attribution.methods.weight_subsets import select_parameters
-from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.modules.fisher import FisherDiagonal, compute_fisher
-from diffusion_attribution.modules.loss_sweep import per_sample_losses, unlearning_scores
-from diffusion_attribution.modules.unlearning import (
+from diffusion_attribution.attribution.unlearning.scores import unlearning_scores
+from diffusion_attribution.attribution.unlearning.step import (
     _step_size_for_target,
-    mask_to_latent,
     preserved_parameters,
-    query_draws,
     query_loss,
     query_loss_gradient,
     unlearn,
 )
+from diffusion_attribution.curvature.diagonal import (
+    DiagonalCurvature,
+    FisherDiagonal,
+    NewtonCurvature,
+    compute_fisher,
+)
+from diffusion_attribution.curvature.identity import IdentityCurvature
+from diffusion_attribution.data.shapes import ShapesDataModule
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.models.weight_subsets import select_parameters
+from diffusion_attribution.objective.draws import query_draws
+from diffusion_attribution.objective.loss import mask_to_latent
+from diffusion_attribution.objective.sweep import per_sample_losses
 
 CAPTIONS = ["a red circle on a black background", "a blue square on a white background"]
 
@@ -47,6 +54,17 @@ def random_fisher(params: dict[str, torch.Tensor], zero_one: bool = False) -> Fi
     if zero_one:
         values[next(iter(values))].view(-1)[0] = 0.0
     return FisherDiagonal(values, {"num_examples": 50})
+
+
+def diagonal(fisher: FisherDiagonal, damping: float = 0.1) -> DiagonalCurvature:
+    return DiagonalCurvature.from_fisher(fisher, damping=damping)
+
+
+CURVATURES = {
+    "diagonal": diagonal,
+    "newton": lambda fisher, damping: NewtonCurvature.from_fisher(fisher),
+    "identity": lambda fisher, damping: IdentityCurvature(),
+}
 
 
 def test_gradient_matches_autograd(model: TextToImageModel, query: torch.Tensor) -> None:
@@ -82,7 +100,7 @@ def test_gradient_matches_autograd(model: TextToImageModel, query: torch.Tensor)
     assert query_loss(model, query, CAPTIONS, 10, 4, mask) == pytest.approx(loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("update", ["fisher", "newton", "sgd"])
+@pytest.mark.parametrize("update", ["diagonal", "newton", "identity"])
 def test_update_formula(model: TextToImageModel, query: torch.Tensor, update: str) -> None:
     params = select_parameters(model.unet, "kv")
     fisher = random_fisher(params)
@@ -92,7 +110,7 @@ def test_update_formula(model: TextToImageModel, query: torch.Tensor, update: st
     lam = damping * fisher.mean()
 
     def step(theta: dict[str, torch.Tensor], g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if update == "sgd":
+        if update == "identity":
             return {k: theta[k] + alpha * g[k] for k in theta}
         if update == "newton":
             return {k: theta[k] + alpha * g[k] / (n * fisher[k]) for k in theta}
@@ -100,26 +118,38 @@ def test_update_formula(model: TextToImageModel, query: torch.Tensor, update: st
 
     expected1 = step(theta0, g0)
     with preserved_parameters(params):
-        record = unlearn(model, query, CAPTIONS[0], fisher, params, 1, alpha, 8, n, damping, update, seed=7)
+        curvature = CURVATURES[update](fisher, damping)
+        record = unlearn(model, query, CAPTIONS[0], curvature, params, 1, alpha, 8, n, seed=7)
         for name, p in params.items():
             torch.testing.assert_close(p.detach(), expected1[name], rtol=1e-5, atol=1e-7)
         # the second step: a fresh gradient at θ1 from the step-1 samples
         g1 = query_loss_gradient(model, query, CAPTIONS[0], params, 8, 7, step=1)
     expected2 = step(expected1, g1)
     with preserved_parameters(params):
-        unlearn(model, query, CAPTIONS[0], fisher, params, 2, alpha, 8, None, damping, update, seed=7)
+        unlearn(
+            model,
+            query,
+            CAPTIONS[0],
+            curvature,
+            params,
+            2,
+            alpha,
+            8,
+            n if update == "identity" else None,
+            seed=7,
+        )
         for name, p in params.items():
             torch.testing.assert_close(p.detach(), expected2[name], rtol=1e-4, atol=1e-6)
     for name, p in params.items():  # θ₀ is back
         assert torch.equal(p.detach(), theta0[name])
-    assert record.update == update and record.steps == 1
+    assert record.curvature == update and record.steps == 1
     assert record.loss_after is not None and record.relative_change > 0
 
 
 def test_unlearning_raises_the_query_loss(model: TextToImageModel, query: torch.Tensor) -> None:
     params = select_parameters(model.unet, "kv")
     with preserved_parameters(params):
-        record = unlearn(model, query, CAPTIONS[1], random_fisher(params), params, 3, 1e-3, 16, 100)
+        record = unlearn(model, query, CAPTIONS[1], diagonal(random_fisher(params)), params, 3, 1e-3, 16, 100)
     assert record.loss_after > record.loss_before
     assert len(record.step_losses) == 3
     assert record.loss_before == pytest.approx(query_loss(model, query, CAPTIONS[1], 16, 0), rel=1e-5)
@@ -153,7 +183,7 @@ def test_target_loss_rise_sets_the_step_size(
     model: TextToImageModel, query: torch.Tensor, steps: int
 ) -> None:
     params = select_parameters(model.unet, "kv")
-    fisher, theta0 = random_fisher(params), snapshot(params)
+    fisher, theta0 = diagonal(random_fisher(params)), snapshot(params)
     # The untrained test model's query loss saturates within a fraction of a percent along K/V (a trained
     # model's doubles; README), so the target here is a small rise.
     records, rise = {}, 2e-3
@@ -192,42 +222,43 @@ def test_preserved_parameters_restores_after_errors(model: TextToImageModel) -> 
 def test_bad_inputs_name_the_fix(model: TextToImageModel, query: torch.Tensor) -> None:
     params = select_parameters(model.unet, "kv")
     fisher = random_fisher(params)
+    curvature = diagonal(fisher)
     theta0 = snapshot(params)
     kwargs = {"steps": 1, "step_size": 0.1, "num_samples": 2, "num_train": 10}
-    with pytest.raises(ValueError, match="zero.*update='fisher' with damping"):
-        unlearn(
-            model, query, CAPTIONS[0], random_fisher(params, zero_one=True), params, update="newton", **kwargs
-        )
-    unlearn_zero_ok = random_fisher(params, zero_one=True)
-    with preserved_parameters(params):
-        unlearn(model, query, CAPTIONS[0], unlearn_zero_ok, params, update="fisher", **kwargs)
+    with pytest.raises(ValueError, match="zero.*method/curvature=diagonal"):
+        newton = NewtonCurvature.from_fisher(random_fisher(params, zero_one=True))
+        unlearn(model, query, CAPTIONS[0], newton, params, **kwargs)
+    with preserved_parameters(params):  # the damped diagonal takes a zero Fisher entry
+        unlearn(model, query, CAPTIONS[0], diagonal(random_fisher(params, zero_one=True)), params, **kwargs)
     nan = FisherDiagonal({n: v.clone() for n, v in fisher.values.items()})
     nan[next(iter(params))].view(-1)[3] = float("nan")
     with pytest.raises(ValueError, match="NaN/inf.*recompute"):
-        unlearn(model, query, CAPTIONS[0], nan, params, **kwargs)
+        unlearn(model, query, CAPTIONS[0], diagonal(nan), params, **kwargs)
     zero = FisherDiagonal({n: torch.zeros_like(v) for n, v in fisher.values.items()})
     with pytest.raises(ValueError, match="Every Fisher entry is zero"):
-        unlearn(model, query, CAPTIONS[0], zero, params, **kwargs)
+        unlearn(model, query, CAPTIONS[0], diagonal(zero), params, **kwargs)
     with pytest.raises(ValueError, match="lacks .* same weight subset"):
-        unlearn(model, query, CAPTIONS[0], fisher, select_parameters(model.unet, "cross_attn"), **kwargs)
-    with pytest.raises(ValueError, match="needs a Fisher"):
-        unlearn(model, query, CAPTIONS[0], None, params, **kwargs)
+        unlearn(
+            model, query, CAPTIONS[0], diagonal(fisher), select_parameters(model.unet, "cross_attn"), **kwargs
+        )
+    with pytest.raises(ValueError, match="not been fitted"):
+        unlearn(model, query, CAPTIONS[0], DiagonalCurvature(), params, **kwargs)
+    with pytest.raises(TypeError, match="needs a Curvature"):
+        unlearn(model, query, CAPTIONS[0], fisher, params, **kwargs)
     with pytest.raises(ValueError, match="num_train"):
-        unlearn(model, query, CAPTIONS[0], FisherDiagonal(fisher.values), params, 1, 0.1, 2)
-    with pytest.raises(ValueError, match="Unknown unlearning update 'adam'"):
-        unlearn(model, query, CAPTIONS[0], fisher, params, update="adam", **kwargs)
+        unlearn(model, query, CAPTIONS[0], diagonal(FisherDiagonal(fisher.values)), params, 1, 0.1, 2)
     with pytest.raises(ValueError, match=r"mask has shape \(8, 8\).*mask_to_latent"):
-        unlearn(model, query, CAPTIONS[0], fisher, params, mask=torch.ones(8, 8), **kwargs)
+        unlearn(model, query, CAPTIONS[0], curvature, params, mask=torch.ones(8, 8), **kwargs)
     with pytest.raises(ValueError, match=r"mask has shape \(2, 16, 16\)"):
         query_loss_gradient(model, query, CAPTIONS[0], params, 2, mask=torch.ones(2, 16, 16))
     with pytest.raises(ValueError, match="mask is empty.*no mask"):
-        unlearn(model, query, CAPTIONS[0], fisher, params, mask=torch.zeros(1, 16, 16), **kwargs)
+        unlearn(model, query, CAPTIONS[0], curvature, params, mask=torch.zeros(1, 16, 16), **kwargs)
     with pytest.raises(ValueError, match="query has shape.*encode_images"):
-        unlearn(model, query[:, :8], CAPTIONS[0], fisher, params, **kwargs)
+        unlearn(model, query[:, :8], CAPTIONS[0], curvature, params, **kwargs)
     with pytest.raises(ValueError, match="Unknown weight subset"):
-        unlearn(model, query, CAPTIONS[0], fisher, "values", **kwargs)
+        unlearn(model, query, CAPTIONS[0], curvature, "values", **kwargs)
     with pytest.raises(ValueError, match="target_loss_rise must be a positive fraction.*null"):
-        unlearn(model, query, CAPTIONS[0], fisher, params, target_loss_rise=0.0, **kwargs)
+        unlearn(model, query, CAPTIONS[0], curvature, params, target_loss_rise=0.0, **kwargs)
     # nothing above moved the weights
     assert all(torch.equal(p.detach(), theta0[n]) for n, p in params.items())
 
@@ -286,7 +317,15 @@ def test_unlearning_a_training_image_ranks_it_first(tmp_path: Path) -> None:
         example = dataset.example(ids[position], 0)
         with preserved_parameters(params):
             record = unlearn(
-                model, example["pixel_values"], example["caption"], fisher, params, 1, 1e-5, 256, len(ids)
+                model,
+                example["pixel_values"],
+                example["caption"],
+                diagonal(fisher),
+                params,
+                1,
+                1e-5,
+                256,
+                len(ids),
             )
             after = per_sample_losses(model, dataset, ids, timesteps, None, (False,), seed=0, batch_size=64)
         scores = unlearning_scores(before, after)

@@ -9,7 +9,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from diffusion_attribution.methods.weight_subsets import SUBSETS, count_parameters, select_parameters
+from diffusion_attribution.models.weight_subsets import SUBSETS, count_parameters, select_parameters
 
 
 def small_unet(**overrides) -> UNet2DConditionModel:

@@ -28,18 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
-from ..models.pipeline import TextToImageModel
-from ..utils.seeding import keyed_generator
-from .base import CaptionedImageDataModule, CaptionedImageDataset, CaptionedImageSource, DataError
-from .folder import ImageFolderSource, open_rgb
+from diffusion_attribution.data.base import (
+    CaptionedImageDataModule,
+    CaptionedImageSource,
+    DataError,
+)
+from diffusion_attribution.data.folder import ImageFolderSource, open_rgb
 
-TOKEN_FILE = "<new1>.bin"
-WEIGHTS_FILE = "pytorch_custom_diffusion_weights.pt"
 OBJECT_SETS = ("imagenet",)  # the other sets (bamfg, artchive) are artistic styles
-ENCODE_STREAM = 3_301_977  # separates the exemplar-encoding noise from every other keyed stream
 
 
 # ------------------------------------------------------------------------------------------ pool
@@ -119,31 +117,6 @@ class PoolWithExemplarsSource(CaptionedImageSource):
     def metadata(self, idx: int) -> dict[str, Any]:
         source, k = self._part(idx)
         return {**source.metadata(k), "exemplar": source is self.exemplars}
-
-
-@torch.no_grad()
-def encode_exemplar_latents(
-    model: TextToImageModel,
-    dataset: CaptionedImageDataset,
-    ids: Sequence[int],
-    sample_seed: int | None = None,
-) -> torch.Tensor:
-    """The UNet-input latents of examples `ids` [len(ids), C, h, w]: the VAE posterior mean (default)
-    or, with `sample_seed`, a posterior sample whose noise is keyed by (seed, id); both scaled by the
-    VAE's scaling factor (models/pipeline.py encode_images). Each image is encoded on its own, so an
-    example's latent is bit-identical whichever ids it is encoded with. Pixel models return pixels."""
-    rows = []
-    for i in (int(i) for i in ids):
-        pixels = dataset.example(i)["pixel_values"][None].to(model.device)
-        if sample_seed is None or model.vae is None:
-            rows.append(model.encode_images(pixels).cpu())
-            continue
-        posterior = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=keyed_generator(sample_seed, ENCODE_STREAM, i))
-        rows.append(
-            ((posterior.mean + posterior.std * noise.to(posterior.mean.device)) * model.latent_scale).cpu()
-        )
-    return torch.cat(rows)
 
 
 # ------------------------------------------------------------------------------------------ AbC layout
@@ -228,72 +201,6 @@ def read_abc_entry(
     )
     entry.train_prompt = train_prompt or default_train_prompt(entry.category, entry.concept_type)
     return entry
-
-
-def _load_torch_file(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: the customized model folder must hold {what}.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    except Exception as error:  # weights_only refuses pickled code; a corrupt file fails here too
-        raise DataError(f"Cannot read {path} with torch.load(weights_only=True): {error}") from error
-
-
-def read_token_embedding(path: str | Path) -> dict[str, torch.Tensor]:
-    """`<new1>.bin`: {token: embedding vector} (diffusers' textual-inversion format)."""
-    path = Path(path)
-    state = _load_torch_file(path, f"the token embedding ({TOKEN_FILE})")
-    if (
-        not isinstance(state, dict)
-        or not state
-        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
-    ):
-        raise DataError(f"{path} must hold a {{token: embedding tensor}} dict, got {type(state).__name__}.")
-    return {k: v.reshape(-1) if v.dim() == 2 and v.shape[0] == 1 else v for k, v in state.items()}
-
-
-def read_kv_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """`pytorch_custom_diffusion_weights.pt`: UNet parameter names -> tensors. Names in diffusers'
-    attention-processor form (`...attn2.processor.to_k_custom_diffusion.weight`) are mapped to the
-    UNet's own (`...attn2.to_k.weight`)."""
-    path = Path(path)
-    state = _load_torch_file(path, f"the cross-attention K/V weights ({WEIGHTS_FILE})")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DataError(f"{path} must hold a flat {{parameter name: tensor}} dict.")
-    renamed = {}
-    for key, value in state.items():
-        name = key.replace(".processor.to_k_custom_diffusion.", ".to_k.").replace(
-            ".processor.to_v_custom_diffusion.", ".to_v."
-        )
-        renamed[name] = value
-    return renamed
-
-
-def apply_abc_customization(model: TextToImageModel, model_dir: str | Path) -> TextToImageModel:
-    """Stable Diffusion (or any base) + an AbC customized model folder, in place: the token with its
-    embedding row, then the K/V weights, checked strictly against the UNet."""
-    from ..modules.customization import add_concept_tokens, load_unet_subset, token_embedding_table
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise DataError(f"Customized model folder {model_dir} does not exist.")
-    embeddings = read_token_embedding(model_dir / TOKEN_FILE)
-    weights = read_kv_weights(model_dir / WEIGHTS_FILE)  # read both before changing the model
-    width = token_embedding_table(model).weight.shape[1]
-    for token, row in embeddings.items():
-        if tuple(row.shape) != (width,):
-            raise DataError(
-                f"{model_dir / TOKEN_FILE}: the embedding of {token} has shape {tuple(row.shape)}, the text "
-                f"encoder's width is {width}."
-            )
-    tokens = list(embeddings)
-    ids = add_concept_tokens(model, tokens)
-    table = token_embedding_table(model).weight
-    with torch.no_grad():
-        for token, token_id in zip(tokens, ids, strict=True):
-            table[token_id] = embeddings[token].to(table.dtype)
-    load_unet_subset(model.unet, weights, str(model_dir / WEIGHTS_FILE), "kv")
-    return model
 
 
 def query_records(

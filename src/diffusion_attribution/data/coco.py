@@ -18,8 +18,8 @@ from typing import Any
 
 from PIL import Image
 
-from .base import CaptionedImageDataModule, CaptionedImageSource, DataError
-from .folder import MAX_LISTED, check_files_exist, open_rgb
+from diffusion_attribution.data.base import CaptionedImageDataModule, CaptionedImageSource, DataError
+from diffusion_attribution.data.folder import MAX_LISTED, check_files_exist, open_rgb
 
 DOWNLOAD_PAGE = "https://cocodataset.org/#download"
 

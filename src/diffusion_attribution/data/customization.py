@@ -16,8 +16,13 @@ import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from .base import CaptionedImageDataModule, CaptionedImageDataset, DataError, collate_examples
-from .folder import FolderDataModule, ImageFolderSource
+from diffusion_attribution.data.base import (
+    CaptionedImageDataModule,
+    CaptionedImageDataset,
+    DataError,
+    collate_examples,
+)
+from diffusion_attribution.data.folder import FolderDataModule, ImageFolderSource
 
 
 class CustomizationDataModule(pl.LightningDataModule):

@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from .base import CaptionedImageDataModule, CaptionedImageSource, DataError
+from diffusion_attribution.data.base import CaptionedImageDataModule, CaptionedImageSource, DataError
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 REQUIRED_COLUMNS = ("file_name", "text")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .base import CaptionedImageDataModule, CaptionedImageSource
+from diffusion_attribution.data.base import CaptionedImageDataModule, CaptionedImageSource
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

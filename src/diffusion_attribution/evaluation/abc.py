@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .retrieval import retrieval_metrics
+from diffusion_attribution.evaluation.retrieval import retrieval_metrics
+
+logger = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..data.shapes import ShapesWorldConfig, generate_world
+from diffusion_attribution.data.shapes import ShapesWorldConfig, generate_world
 
 log = logging.getLogger(__name__)
 

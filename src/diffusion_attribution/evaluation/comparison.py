@@ -25,8 +25,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from ..data.base import CaptionedImageDataModule
-from .retrieval import RetrievalResult, concept_index, evaluate_run
+from diffusion_attribution.data.base import CaptionedImageDataModule
+from diffusion_attribution.evaluation.retrieval import RetrievalResult, concept_index, evaluate_run
+
+logger = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 

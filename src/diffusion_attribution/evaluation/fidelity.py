@@ -20,11 +20,11 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from ..data.shapes import ShapesDataModule, prompt_for
-from ..models.loading import model_from_config
-from ..models.sampling import generate
-from ..utils.images import titled_grid
-from .attribute_reader import NONE_CONCEPT, load_or_train_reader
+from diffusion_attribution.data.shapes import ShapesDataModule, prompt_for
+from diffusion_attribution.evaluation.attribute_reader import NONE_CONCEPT, load_or_train_reader
+from diffusion_attribution.models.loading import model_from_config
+from diffusion_attribution.models.sampling import generate
+from diffusion_attribution.utils.images import titled_grid
 
 log = logging.getLogger(__name__)
 

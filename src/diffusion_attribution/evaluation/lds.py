@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 from torchmetrics.functional import spearman_corrcoef
 
-from .leave_k_out import (
+from diffusion_attribution.evaluation.leave_k_out import (
     current_launcher,
     fixed_noise_loss,
     load_attribution_runs,
@@ -36,7 +36,7 @@ from .leave_k_out import (
     loss_timesteps,
     mean_and_sem,
 )
-from .retraining import RetrainJob, RetrainPlan, random_exclusion
+from diffusion_attribution.evaluation.retraining import RetrainJob, RetrainPlan, random_exclusion
 
 log = logging.getLogger(__name__)
 

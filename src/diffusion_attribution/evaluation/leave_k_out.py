@@ -37,15 +37,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
-from ..data.base import CaptionedImageDataModule
-from ..models.pipeline import TextToImageModel
-from ..models.sampling import generate
-from ..modules.fisher import encode_captions, evaluation_mode, squared_error
-from ..utils.fingerprint import hash_json
-from ..utils.images import titled_grid
-from ..utils.seeding import keyed_randn
-from .retraining import RetrainJob, RetrainPlan, random_exclusion
-from .retrieval import concept_index
+from diffusion_attribution.data.base import CaptionedImageDataModule
+from diffusion_attribution.evaluation.retraining import RetrainJob, RetrainPlan, random_exclusion
+from diffusion_attribution.evaluation.retrieval import concept_index
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.models.sampling import generate
+from diffusion_attribution.objective.loss import encode_captions, evaluation_mode, squared_error
+from diffusion_attribution.utils.fingerprint import hash_json
+from diffusion_attribution.utils.images import titled_grid
+from diffusion_attribution.utils.seeding import keyed_randn
+
+logger = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -252,14 +254,14 @@ class ImageJudges:
     ) -> None:
         self.clip = None
         if clip_path:
-            from ..models.backbones import load_backbone
+            from diffusion_attribution.models.backbones import load_backbone
 
             self.clip = load_backbone("clip", clip_path)
         self.reader = None
-        from ..data.shapes import ShapesDataModule
+        from diffusion_attribution.data.shapes import ShapesDataModule
 
         if isinstance(datamodule, ShapesDataModule):
-            from .attribute_reader import load_or_train_reader
+            from diffusion_attribution.evaluation.attribute_reader import load_or_train_reader
 
             self.reader, _ = load_or_train_reader(datamodule.world, reader_cache_dir)
 

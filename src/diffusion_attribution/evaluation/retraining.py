@@ -1,6 +1,6 @@
 """Counterfactual retrains as Hydra jobs: plan, key, reuse, resume, launch.
 
-A retrain is the base model's own training job (jobs/train.py:run_training, its recipe read from
+A retrain is the base model's own training job (training/fit.py:train_model, its recipe read from
 <checkpoint>/training_config.yaml) with `data.exclude` set to an exclusion set. It is keyed by
 
     <retrain_dir>/<recipe hash>/<exclusion key>/
@@ -38,11 +38,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..data.base import parse_id_list
-from ..models.pipeline import CONFIG_FILE
-from ..utils.atomic import atomic_write_text
-from ..utils.fingerprint import hash_json
-from ..utils.seeding import keyed_generator
+from diffusion_attribution.data.base import parse_id_list
+from diffusion_attribution.models.pipeline import CONFIG_FILE
+from diffusion_attribution.training.fit import train_model
+from diffusion_attribution.utils.atomic import atomic_write_text
+from diffusion_attribution.utils.fingerprint import hash_json
+from diffusion_attribution.utils.seeding import keyed_generator
 
 log = logging.getLogger(__name__)
 
@@ -418,8 +419,6 @@ def retrain_job(cfg: DictConfig) -> str:
     reuse a finished retrain, resume an interrupted one, else train; then write retrain.json."""
     from hydra.core.hydra_config import HydraConfig
 
-    from ..jobs.train import run_training
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     done = run_dir / DONE_FILE
     if done.is_file() and (run_dir / "checkpoint").is_dir():
@@ -435,7 +434,7 @@ def retrain_job(cfg: DictConfig) -> str:
     if start_step is not None:
         log.info("Resuming retrain %s from step %d", cfg.retrain.exclusion, start_step)
     started = time.perf_counter()
-    checkpoint = run_training(cfg, run_dir)
+    checkpoint = train_model(cfg, run_dir)
     seconds = time.perf_counter() - started
     steps = int(cfg.training.max_steps) - (start_step or 0)
     ids = parse_id_list(cfg.data.exclude, 1 << 62)

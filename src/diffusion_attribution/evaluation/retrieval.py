@@ -23,7 +23,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.retrieval import RetrievalMAP, RetrievalPrecision, RetrievalRecall
 
-from ..data.base import CaptionedImageDataModule
+from diffusion_attribution.data.base import CaptionedImageDataModule
+
+logger = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,7 @@ def run_retrieval_benchmark(
         scores = OmegaConf.to_container(scores, resolve=True)  # type: ignore[assignment]
     if isinstance(scores, (list, tuple)):
         if len(scores) > 1:
-            from .comparison import run_comparison
+            from diffusion_attribution.evaluation.comparison import run_comparison
 
             return run_comparison(cfg, run_dir, [str(s) for s in scores])
         scores = str(scores[0]) if scores else None

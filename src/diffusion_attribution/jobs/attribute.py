@@ -17,14 +17,16 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.base import CaptionedImageDataModule
-from ..data.queries import Query, build_queries
-from ..methods.base import AttributionContext, Attributor
-from ..models.loading import model_from_config
-from ..models.pipeline import CONFIG_FILE, TextToImageModel
-from ..models.tokenizer import caption_words, is_word_level
-from ..utils.fingerprint import hash_json
-from ..utils.images import titled_grid
+from diffusion_attribution.attribution.base import AttributionContext, Attributor
+from diffusion_attribution.attribution.queries import Query, build_queries
+from diffusion_attribution.data.base import CaptionedImageDataModule
+from diffusion_attribution.models.loading import model_from_config
+from diffusion_attribution.models.pipeline import CONFIG_FILE, TextToImageModel
+from diffusion_attribution.models.tokenizer import caption_words, is_word_level
+from diffusion_attribution.utils.fingerprint import hash_json
+from diffusion_attribution.utils.images import titled_grid
+
+logger = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 

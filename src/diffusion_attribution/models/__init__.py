@@ -1,3 +1,3 @@
-from .pipeline import CheckpointError, TextToImageModel, load_training_config
+from diffusion_attribution.models.pipeline import CheckpointError, TextToImageModel, load_training_config
 
 __all__ = ["CheckpointError", "TextToImageModel", "load_training_config"]

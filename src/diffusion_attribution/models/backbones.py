@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils.fingerprint import hash_json, module_fingerprint
+from diffusion_attribution.utils.fingerprint import hash_json, module_fingerprint
 
 # name -> (what to download, the model_type values its config.json may have, what the features are)
 BACKBONES: dict[str, tuple[str | None, tuple[str, ...], str]] = {

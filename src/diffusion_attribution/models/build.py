@@ -11,8 +11,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .pipeline import TextToImageModel
-from .tokenizer import build_word_tokenizer
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.models.tokenizer import build_word_tokenizer
 
 
 def _plain(cfg: Any) -> dict[str, Any]:

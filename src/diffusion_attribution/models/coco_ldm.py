@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .pipeline import TextToImageModel
+from diffusion_attribution.models.pipeline import TextToImageModel
 
 SD2_REPO = "stabilityai/stable-diffusion-2-1-base"
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .pipeline import TextToImageModel
+from diffusion_attribution.models.pipeline import TextToImageModel
 
 
 def model_from_config(cfg: DictConfig, captions: Sequence[str] | None = None) -> TextToImageModel:

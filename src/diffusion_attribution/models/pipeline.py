@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
-from .tokenizer import report_unknown_words
+from diffusion_attribution.models.tokenizer import report_unknown_words
 
 CONFIG_FILE = "training_config.yaml"
 MODEL_INDEX = "model_index.json"

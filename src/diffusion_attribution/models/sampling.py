@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from .pipeline import TextToImageModel
+from diffusion_attribution.models.pipeline import TextToImageModel
 
 
 @dataclass

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+matplotlib.use("Agg")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

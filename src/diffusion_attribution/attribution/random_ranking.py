@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.base import CaptionedImageDataModule
-from ..data.queries import Query
-from ..models.pipeline import TextToImageModel
-from ..utils.seeding import keyed_generator
-from .base import AttributionContext, Attributor
+from diffusion_attribution.attribution.base import AttributionContext, Attributor
+from diffusion_attribution.attribution.queries import Query
+from diffusion_attribution.data.base import CaptionedImageDataModule
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.utils.seeding import keyed_generator
 
 
 def query_key(query: Query) -> int:

@@ -11,9 +11,11 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
-from ..models.sampling import generate
-from ..utils.images import image_grid, to_uint8
-from .training import DiffusionTrainingModule
+from diffusion_attribution.models.sampling import generate
+from diffusion_attribution.training.module import DiffusionTrainingModule
+from diffusion_attribution.utils.images import image_grid, to_uint8
+
+logger = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 

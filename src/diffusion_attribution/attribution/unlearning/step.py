@@ -5,17 +5,8 @@ The objective is -L(ẑ, θ) + (N/2)(θ - θ₀)ᵀ F (θ - θ₀); a Newton ste
 step divided by how much the training set's loss depends on it. The weights are changed in place;
 `preserved_parameters` puts θ₀ back so many queries can be unlearned from the same model.
 
-Update rules (`update=`):
-- "fisher" (default): θ ← θ + α · g / (N · (F + λ)), with λ = damping · mean(F) over the selected
-  weights. The damping is relative to the Fisher's own scale (it is added to F before multiplying by
-  N), so `damping` means the same for any N: a weight with F = 0 moves at most 1/damping times as far
-  as a weight of average Fisher. damping = 0 gives "newton" without its zero check.
-- "newton": θ ← θ + α · g / (N · F), the undamped step of the paper's reference; any F entry equal to
-  zero among the selected weights is an error (the step would be infinite).
-- "sgd": θ ← θ + α · g, plain gradient ascent without the Fisher (the ablation that performs at
-  chance); `fisher` may be None.
-- "ekfac": the "fisher" step taken in the eigenbasis of a Kronecker-factored Fisher with corrected
-  eigenvalues (AbU+; `fisher` is an `EKFAC` from `modules/ekfac.py`, Linear-layer subsets only).
+The preconditioner P (θ ← θ + α P⁻¹ ∇θ L(ẑ)) is a `Curvature` (curvature/): the diagonal Fisher
+(the paper), its undamped Newton form, EK-FAC (AbU+) or the identity (plain gradient ascent).
 
 The query loss is estimated from `num_samples` (timestep, noise) pairs keyed by (seed, step, sample
 index), the timesteps stratified over [0, T) (see `query_draws`). Each step draws fresh pairs; the
@@ -43,26 +34,16 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value
 
-from ..methods.weight_subsets import select_parameters
-from ..models.pipeline import TextToImageModel
-from ..utils.seeding import keyed_generator
-from .ekfac import EKFAC
-from .fisher import (
-    FisherDiagonal,
-    FisherError,
-    encode_captions,
-    evaluation_mode,
-    split_parameters,
-    squared_error,
-)
+from diffusion_attribution.autograd.per_sample import split_parameters
+from diffusion_attribution.curvature.base import Curvature
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.models.weight_subsets import select_parameters
+from diffusion_attribution.objective.draws import query_draws
+from diffusion_attribution.objective.loss import encode_captions, evaluation_mode, prepare_mask, squared_error
 
 log = logging.getLogger(__name__)
-
-QUERY_STREAM = 5_162_017
-UPDATES = ("fisher", "newton", "sgd", "ekfac")
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -82,72 +63,11 @@ def prepare_query(model: TextToImageModel, latents: torch.Tensor) -> torch.Tenso
     return latents
 
 
-def prepare_mask(mask: torch.Tensor | None, latent_shape: Sequence[int]) -> torch.Tensor | None:
-    """Validate a spatial mask in the UNet's input space; returns float weights [1, H, W]."""
-    if mask is None:
-        return None
-    height, width = int(latent_shape[-2]), int(latent_shape[-1])
-    mask = torch.as_tensor(mask)
-    if mask.dim() == 3 and mask.shape[0] == 1:
-        mask = mask[0]
-    if mask.dim() != 2 or tuple(mask.shape) != (height, width):
-        raise ValueError(
-            f"The mask has shape {tuple(mask.shape)}; it must be [{height}, {width}] or [1, {height}, "
-            f"{width}], the UNet's input resolution. Resize a pixel-space mask with "
-            "mask_to_latent(mask, size) first."
-        )
-    mask = mask.float()
-    if not bool(torch.isfinite(mask).all()) or bool((mask < 0).any()):
-        raise ValueError("The mask must hold finite, non-negative weights (1 inside the region, 0 outside).")
-    if not bool(mask.any()):
-        raise ValueError(
-            "The mask is empty (all zero): the region selects no pixel. Give a mask with ones over the "
-            "region to unlearn, or no mask to unlearn the whole image."
-        )
-    return mask[None]
-
-
-def mask_to_latent(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """A pixel-space mask [H, W] scaled to the UNet's resolution: each cell gets the fraction of
-    its pixels inside the region (area averaging), so a box keeps its extent."""
-    mask = torch.as_tensor(mask).float()
-    if mask.dim() == 3 and mask.shape[0] == 1:
-        mask = mask[0]
-    if mask.dim() != 2:
-        raise ValueError(f"mask_to_latent takes a 2-D mask [H, W]; got shape {tuple(mask.shape)}.")
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return F.interpolate(mask[None, None], size=size, mode="area")[0, 0]
-
-
 def _captions(captions: str | Sequence[str]) -> list[str]:
     listed = [captions] if isinstance(captions, str) else list(captions)
     if not listed:
         raise ValueError("The query needs at least one caption.")
     return listed
-
-
-def query_draws(
-    seed: int,
-    step: int,
-    num_samples: int,
-    latent_shape: Sequence[int],
-    num_timesteps: int,
-    stratified: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps [S] and noise [S, *latent_shape] for the query loss at an unlearning step.
-
-    Timesteps are uniform over [0, num_timesteps). Stratified (default): sample j is uniform within
-    the j-th of S equal strata, which keeps the estimate of the mean over timesteps unbiased and
-    removes most of its variance (the loss varies far more with t than with the noise).
-    """
-    timesteps, noise = [], []
-    for index in range(num_samples):
-        generator = keyed_generator(seed, QUERY_STREAM, step, index)
-        u = float(torch.rand((), generator=generator))
-        position = (index + u) / num_samples if stratified else u
-        timesteps.append(min(int(position * num_timesteps), num_timesteps - 1))
-        noise.append(torch.randn(tuple(latent_shape), generator=generator))
-    return torch.tensor(timesteps, dtype=torch.long), torch.stack(noise)
 
 
 # ------------------------------------------------------------------------------------- query loss
@@ -240,58 +160,9 @@ def query_loss_gradient(
 
 
 # ------------------------------------------------------------------------------------- update
-def inverse_preconditioner(
-    fisher: FisherDiagonal | None,
-    params: Mapping[str, torch.Tensor],
-    update: str,
-    num_train: float | None,
-    damping: float,
-) -> dict[str, torch.Tensor] | None:
-    """Per-weight step scale: 1 / (N (F + λ)) for fisher, 1 / (N F) for newton, None for sgd (and
-    for ekfac, whose step is not per weight: see `EKFAC.precondition`)."""
-    if update not in UPDATES:
-        raise ValueError(f"Unknown unlearning update {update!r}; options: {UPDATES}.")
-    if update in ("sgd", "ekfac"):
-        return None
-    if isinstance(fisher, EKFAC):
-        raise ValueError(
-            f"update={update!r} takes the diagonal Fisher; EK-FAC factors go with update='ekfac'."
-        )
-    if fisher is None:
-        raise ValueError(f"update={update!r} needs a Fisher; compute one with compute_fisher, or use 'sgd'.")
-    fisher.validate(params)
-    if num_train is None:
-        num_train = fisher.metadata.get("num_examples")
-    if num_train is None or not num_train > 0:
-        raise ValueError(
-            "Give num_train (N, the training set size, e.g. 118287 for COCO): the Fisher's metadata "
-            "does not record it."
-        )
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}.")
-    names = list(params)
-    if update == "newton":
-        zeros = {n: int((fisher[n] == 0).sum()) for n in names}
-        zeros = {n: z for n, z in zeros.items() if z}
-        if zeros:
-            example = next(iter(zeros))
-            raise FisherError(
-                f"update='newton' divides by the Fisher, but {sum(zeros.values())} selected entries are "
-                f"zero (e.g. {zeros[example]} in {example}). Use update='fisher' with damping > 0 instead."
-            )
-        lam = 0.0
-    else:
-        lam = damping * fisher.mean(names)
-    scale = {}
-    for name in names:
-        value = fisher[name].to(params[name].device, torch.float64)
-        scale[name] = (1.0 / (float(num_train) * (value + lam))).to(torch.float32)
-    return scale
-
-
 @dataclass
 class UnlearningRecord:
-    update: str
+    curvature: str
     steps: int
     step_size: float
     num_samples: int
@@ -308,16 +179,9 @@ class UnlearningRecord:
         return asdict(self)
 
 
-def _ekfac_for(fisher: FisherDiagonal | EKFAC | None, params: Mapping[str, torch.Tensor]) -> EKFAC:
-    if not isinstance(fisher, EKFAC):
-        raise ValueError(
-            "update='ekfac' needs EK-FAC factors (modules/ekfac.py: compute_ekfac or run_ekfac), not "
-            f"{type(fisher).__name__}."
-        )
-    return fisher.validate(params)
-
-
 LINE_SEARCH_FACTOR = 3.0  # bracketing: α is multiplied or divided by this until the target is crossed
+
+
 LINE_SEARCH_BRACKET_TRIES = 12
 
 
@@ -377,14 +241,12 @@ def unlearn(
     model: TextToImageModel,
     latents: torch.Tensor,
     captions: str | Sequence[str],
-    fisher: FisherDiagonal | EKFAC | None,
+    curvature: Curvature,
     params: str | Mapping[str, torch.Tensor] = "kv",
     steps: int = 1,
     step_size: float = 0.01,
     num_samples: int = 64,
     num_train: float | None = None,
-    damping: float = 0.1,
-    update: str = "fisher",
     seed: int = 0,
     mask: torch.Tensor | None = None,
     chunk_size: int = 64,
@@ -395,7 +257,8 @@ def unlearn(
     line_search_bisections: int = 10,
 ) -> UnlearningRecord:
     """`steps` updates θ ← θ + α P⁻¹ ∇θ L(ẑ) on the selected weights, in place (see the module
-    docstring for P per update rule). `num_train` is N (default: the Fisher's number of examples).
+    docstring). `curvature` is fitted (or loaded) for these weights; `num_train` is N (default: the
+    number of examples the curvature was fitted on).
     With `target_loss_rise` r, α is searched per step so that the query loss ends r·100% above its
     value before (module docstring); `step_size` is the search's starting α.
     Wrap in `preserved_parameters(params)` to get θ₀ back afterwards."""
@@ -408,11 +271,18 @@ def unlearn(
             f"target_loss_rise must be a positive fraction (1.0 = the query loss doubles), got "
             f"{target_loss_rise}; use null for a fixed step size."
         )
+    if not isinstance(curvature, Curvature):
+        raise TypeError(
+            f"unlearn needs a Curvature (curvature/: diagonal, ekfac, identity), not {type(curvature).__name__}."
+        )
     selected = select_parameters(model.unet, params) if isinstance(params, str) else dict(params)
-    scale = inverse_preconditioner(fisher, selected, update, num_train, damping)  # type: ignore[arg-type]
-    ekfac = _ekfac_for(fisher, selected) if update == "ekfac" else None
-    if update != "sgd" and num_train is None:
-        num_train = float(fisher.metadata["num_examples"])  # type: ignore[union-attr]
+    curvature.validate(selected)
+    if num_train is None:
+        num_train = curvature.default_num_train()
+    if curvature.needs_fit and not (num_train is not None and num_train > 0):
+        raise ValueError(
+            "Give num_train (N, the training set size, e.g. 118287 for COCO): the curvature does not record it."
+        )
     latents = prepare_query(model, latents)
     prepare_mask(mask, model.latent_shape)
     original = {name: p.detach().clone() for name, p in selected.items()}
@@ -445,13 +315,9 @@ def unlearn(
             stratified=stratified,
         )
         step_losses.append(loss)
-        if ekfac is not None:
-            gradient = ekfac.precondition(gradient, float(num_train), damping)  # type: ignore[arg-type]
+        gradient = curvature.precondition(gradient, float(num_train or 0.0))
         with torch.no_grad():
-            direction = {
-                name: (gradient[name] if scale is None else gradient[name] * scale[name]).to(param.dtype)
-                for name, param in selected.items()
-            }
+            direction = {name: gradient[name].to(param.dtype) for name, param in selected.items()}
         if target_loss_rise is None:
             alpha = step_size
         else:
@@ -491,12 +357,12 @@ def unlearn(
         moved = sum(float((p.double() - original[n].double()).pow(2).sum()) for n, p in selected.items())
         norm = sum(float(original[n].double().pow(2).sum()) for n in selected)
     return UnlearningRecord(
-        update=update,
+        curvature=curvature.name,
         steps=steps,
         step_size=step_size,
         num_samples=num_samples,
         num_train=num_train,
-        damping=damping if update in ("fisher", "ekfac") else 0.0,
+        damping=curvature.damping,
         loss_before=step_losses[0],
         loss_after=loss_after,
         step_losses=step_losses,

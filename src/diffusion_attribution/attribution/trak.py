@@ -40,25 +40,29 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..data.base import CaptionedImageDataModule
-from ..data.queries import Query, QueryError
-from ..models.pipeline import TextToImageModel
-from ..models.sampling import generate, sampler_timesteps
-from ..modules.fisher import evaluation_mode
-from ..modules.output_gradients import (
+from diffusion_attribution.attribution.base import AttributionContext, Attributor, disk_bytes
+from diffusion_attribution.attribution.queries import Query, QueryError
+from diffusion_attribution.autograd.output_gradients import (
     GRADIENT_METHODS,
     point_gradient_means,
     resolve_method,
     training_gradient_means,
 )
-from ..modules.projection import PROJECTION_KINDS, BlockwiseProjection
-from ..modules.sharded_sweep import run_sharded
-from ..modules.unlearning import mask_to_latent
-from ..utils.atomic import atomic_save_tensors
-from ..utils.fingerprint import data_fingerprint, hash_json, model_fingerprint
-from ..utils.seeding import keyed_randn
-from .base import AttributionContext, Attributor, disk_bytes
-from .weight_subsets import SUBSETS, count_parameters, describe_subsets, select_parameters
+from diffusion_attribution.autograd.projection import PROJECTION_KINDS, BlockwiseProjection
+from diffusion_attribution.compute.sharded import run_sharded
+from diffusion_attribution.data.base import CaptionedImageDataModule
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.models.sampling import generate, sampler_timesteps
+from diffusion_attribution.models.weight_subsets import (
+    SUBSETS,
+    count_parameters,
+    describe_subsets,
+    select_parameters,
+)
+from diffusion_attribution.objective.loss import evaluation_mode, mask_to_latent
+from diffusion_attribution.utils.atomic import atomic_save_tensors
+from diffusion_attribution.utils.fingerprint import data_fingerprint, hash_json, model_fingerprint
+from diffusion_attribution.utils.seeding import keyed_randn
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`method=unlearning` (AbU, Wang et al. 2024): unlearn the query with a Fisher-preconditioned
 Newton step on a weight subset, then score every training example by how much its loss rose.
 
-prepare: the diagonal Fisher (with update=ekfac, the EK-FAC factors) over the training set and the
+prepare: the curvature (method/curvature: the diagonal Fisher, EK-FAC, ...) over the training set and the
 before-unlearning loss sweep, both cached under `cache_dir` keyed by (model weights, data, config)
 and shared by every query and run.
 score: per query, unlearn from θ₀, sweep the training set again (in the run directory: a killed run
@@ -19,17 +19,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.base import CaptionedImageDataModule
-from ..data.queries import Query
-from ..models.pipeline import TextToImageModel
-from ..modules.ekfac import EKFAC, run_ekfac
-from ..modules.fisher import FisherDiagonal
-from ..modules.loss_sweep import FLIP_REDUCTIONS, SCORES, unlearning_scores
-from ..modules.sharded_sweep import SweepConfig, run_fisher, run_loss_sweep
-from ..modules.unlearning import UPDATES, mask_to_latent, preserved_parameters, unlearn
-from ..utils.fingerprint import data_fingerprint, hash_json, model_fingerprint, module_fingerprint
-from .base import AttributionContext, Attributor, disk_bytes
-from .weight_subsets import SUBSETS, count_parameters, describe_subsets, select_parameters
+from diffusion_attribution.attribution.base import AttributionContext, Attributor, disk_bytes
+from diffusion_attribution.attribution.queries import Query
+from diffusion_attribution.attribution.unlearning.scores import FLIP_REDUCTIONS, SCORES, unlearning_scores
+from diffusion_attribution.attribution.unlearning.step import preserved_parameters, unlearn
+from diffusion_attribution.curvature.base import Curvature
+from diffusion_attribution.curvature.diagonal import DiagonalCurvature
+from diffusion_attribution.curvature.ekfac import EKFACCurvature
+from diffusion_attribution.data.base import CaptionedImageDataModule
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.models.weight_subsets import (
+    SUBSETS,
+    count_parameters,
+    describe_subsets,
+    select_parameters,
+)
+from diffusion_attribution.objective.loss import mask_to_latent
+from diffusion_attribution.objective.sweep import SweepConfig, run_loss_sweep
+from diffusion_attribution.utils.fingerprint import (
+    data_fingerprint,
+    hash_json,
+    model_fingerprint,
+    module_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,36 +51,38 @@ class UnlearningAttributor(Attributor):
 
     def __init__(
         self,
+        curvature: Curvature | None = None,
         params: str = "kv",
-        update: str = "fisher",
         steps: int = 1,
         step_size: float = 0.01,
         target_loss_rise: float | None = None,
         num_samples: int = 64,
         num_train: float | None = None,
-        damping: float = 0.1,
         timesteps: Sequence[int] | None = None,
         num_timesteps: int = 10,
         captions: Sequence[int] | str = "all",
         flips: str | Sequence[bool] = "auto",
         flip_reduction: str = "max",
         score: str = "difference",
-        fisher_samples_per_example: int = 1,
         batch_size: int = 64,
         shard_size: int = 256,
         chunk_size: int = 64,
     ) -> None:
         super().__init__()
-        # Checked here, when the config is read: an unknown update would otherwise surface only in
-        # score(), after the Fisher and the before-unlearning sweep had been paid for.
+        # Checked here, when the config is read: a bad setting would otherwise surface only in
+        # score(), after the curvature and the before-unlearning sweep had been paid for.
+        self.curvature = DiagonalCurvature() if curvature is None else curvature
+        if not isinstance(self.curvature, Curvature):
+            raise ValueError(
+                f"method.curvature must be a curvature config (method/curvature=diagonal|ekfac|newton|identity), "
+                f"got {type(self.curvature).__name__}."
+            )
         if params not in SUBSETS:
             raise ValueError(f"Unknown method.params={params!r}. Options: {describe_subsets()}.")
-        if update not in UPDATES:
-            raise ValueError(f"Unknown method.update={update!r}; options: {UPDATES}.")
-        if update == "ekfac" and params == "all":
+        if isinstance(self.curvature, EKFACCurvature) and params == "all":
             raise ValueError(
-                "method.update=ekfac covers Linear layers only, and method.params=all includes convolutions "
-                "and norms. Use method.params=kv, cross_attn or attn with ekfac, or method.update=fisher."
+                "method/curvature=ekfac covers Linear layers only, and method.params=all includes convolutions "
+                "and norms. Use method.params=kv, cross_attn or attn with ekfac, or method/curvature=diagonal."
             )
         if target_loss_rise is not None and not target_loss_rise > 0:
             raise ValueError(
@@ -80,23 +94,21 @@ class UnlearningAttributor(Attributor):
         if score not in SCORES:
             raise ValueError(f"Unknown method.score={score!r}; options: {SCORES}.")
         self.params = params
-        self.update = update
-        # Results tables group runs by this name: the update rule is part of what the method is
-        # (AbU+ next to AbU in one evaluation), the paper's default keeps the plain name.
-        self.name = "unlearning" if update == "fisher" else f"unlearning:{update}"
+        # Results tables group runs by this name: the curvature is part of what the method is (AbU+
+        # next to AbU in one evaluation); the paper's diagonal Fisher keeps the plain name.
+        name = self.curvature.name
+        self.name = "unlearning" if name == DiagonalCurvature.name else f"unlearning:{name}"
         self.steps = steps
         self.step_size = step_size
         self.target_loss_rise = None if target_loss_rise is None else float(target_loss_rise)
         self.num_samples = num_samples
         self.num_train = num_train
-        self.damping = damping
         self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
         self.num_timesteps = num_timesteps
         self.captions = captions
         self.flips = flips
         self.flip_reduction = flip_reduction
         self.score_kind = score
-        self.fisher_samples_per_example = fisher_samples_per_example
         self.batch_size = batch_size
         self.shard_size = shard_size
         self.chunk_size = chunk_size
@@ -120,48 +132,34 @@ class UnlearningAttributor(Attributor):
         dataset = datamodule.full_dataset()
         self.dataset = dataset
         cache = context.cache_dir
-        fisher_key = hash_json(
-            [
-                self.identity,
-                self.params,
-                self.fisher_samples_per_example,
-                context.seed,
-                self.train_ids.tolist(),
-            ]
-        )
         started = time.perf_counter()
-        self.fisher: FisherDiagonal | EKFAC | None = None
-        # EK-FAC uses the diagonal Fisher's draws but is another file: keyed apart by its prefix.
-        stem = f"ekfac-{fisher_key}" if self.update == "ekfac" else fisher_key
-        fisher_path = cache / "fisher" / f"{stem}.safetensors"
-        if self.update != "sgd":
-            kind, load, compute = (
-                ("EK-FAC factors", EKFAC.load, run_ekfac)
-                if self.update == "ekfac"
-                else ("Fisher", FisherDiagonal.load, run_fisher)
-            )
-            if fisher_path.is_file():
-                self.fisher = load(fisher_path)
-                log.info("%s loaded from %s", kind, fisher_path)
+        curvature = self.curvature
+        key = hash_json(
+            [self.identity, self.params, curvature.settings(), context.seed, self.train_ids.tolist()]
+        )
+        curvature_path = cache / "curvature" / f"{curvature.settings()['curvature']}-{key}.safetensors"
+        if curvature.needs_fit:
+            if curvature_path.is_file():
+                curvature.load(curvature_path)
+                log.info("%s curvature loaded from %s", curvature.name, curvature_path)
             else:
-                self.fisher = compute(
+                curvature.fit(
                     model,
                     datamodule.dataset,  # the model's training set (exclusions applied)
                     self.train_ids,
                     self.params,
-                    cache / "fisher" / f"{stem}.shards",
+                    curvature_path.with_suffix(".shards"),
                     self.identity,
                     batch_size=self.batch_size,
                     seed=context.seed,
-                    samples_per_example=self.fisher_samples_per_example,
                     trainer_kwargs=context.trainer_kwargs,
                 )
-                self.fisher.save(fisher_path)
-            self.fisher.validate(self.selected)
-        self.timing = {"fisher_s": time.perf_counter() - started}
+                curvature.save(curvature_path)
+            curvature.validate(self.selected)
+        self.timing = {"curvature_s": time.perf_counter() - started}
         started = time.perf_counter()
         sweep_key = hash_json([self.identity, self.sweep_config.to_dict()])
-        self.cached_paths = [fisher_path, cache / "sweeps" / sweep_key]
+        self.cached_paths = [curvature_path, cache / "sweeps" / sweep_key]
         self.before = run_loss_sweep(
             model,
             dataset,
@@ -204,13 +202,12 @@ class UnlearningAttributor(Attributor):
     def config(self) -> dict[str, Any]:
         return {
             "params": self.params,
-            "update": self.update,
+            "curvature": self.curvature.describe(),
             "steps": self.steps,
             "step_size": self.step_size,
             "target_loss_rise": self.target_loss_rise,
             "num_samples": self.num_samples,
             "num_train": self._num_train(),
-            "damping": self.damping,
             "sweep": self.sweep_config.to_dict() if hasattr(self, "sweep_config") else None,
             "flip_reduction": self.flip_reduction,
             "score": self.score_kind,
@@ -235,15 +232,13 @@ class UnlearningAttributor(Attributor):
                     self.model,
                     query.latent[None].to(device),
                     query.caption,
-                    self.fisher,
+                    self.curvature,
                     self.selected,
                     steps=self.steps,
                     step_size=self.step_size,
                     target_loss_rise=self.target_loss_rise,
                     num_samples=self.num_samples,
                     num_train=self._num_train(),
-                    damping=self.damping,
-                    update=self.update,
                     seed=self.context.seed,
                     # masks come at image resolution; latent models unlearn at latent resolution
                     mask=None
@@ -274,7 +269,7 @@ class UnlearningAttributor(Attributor):
             if not torch.isfinite(query_scores).all():
                 raise FloatingPointError(
                     f"Query {k}: non-finite scores after unlearning (loss before {record.loss_before}, after "
-                    f"{record.loss_after}). Lower method.step_size (or method.target_loss_rise) or raise method.damping."
+                    f"{record.loss_after}). Lower method.step_size (or method.target_loss_rise) or raise method.curvature.damping."
                 )
             scores[k] = query_scores.numpy()
             delta = (after - self.before).nanmean(dim=1).mean(dim=-1)

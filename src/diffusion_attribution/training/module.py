@@ -13,7 +13,8 @@ import torch
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from ..models.pipeline import TextToImageModel
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.objective.loss import min_snr_weights
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
@@ -22,15 +23,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return (step + 1) / max(1, warmup_steps)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def min_snr_weights(model: TextToImageModel, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al., ICCV 2023), expressed for the model's target: the
-    easy high-SNR timesteps stop dominating the gradient, which speeds convergence several-fold."""
-    alphas = model.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alphas / (1 - alphas)
-    clipped = snr.clamp(max=gamma)
-    return clipped / (snr + 1) if model.prediction_type == "v_prediction" else clipped / snr
 
 
 class DiffusionTrainingModule(pl.LightningModule):

@@ -10,21 +10,19 @@ repeated caption, which would weight some captions twice): reduce over captions 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.base import CaptionedImageDataset
-from ..models.pipeline import TextToImageModel
-from ..utils.seeding import keyed_randn
-from .fisher import encode_captions, evaluation_mode, squared_error
-
-FLIP_REDUCTIONS = ("max", "mean", "min")
-# How an example's loss change becomes its score. "difference": after − before, the paper's score.
-# "log_ratio": log(after / before), the relative rise: an example the model fits closely (a low loss,
-# e.g. a customized model's own exemplars) counts its rise against that loss, and examples whose
-# loss is high everywhere (busy images) no longer win by their scale alone.
-SCORES = ("difference", "log_ratio")
+from diffusion_attribution.compute.sharded import run_sharded
+from diffusion_attribution.data.base import CaptionedImageDataset
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.objective.loss import encode_captions, evaluation_mode, squared_error
+from diffusion_attribution.utils.seeding import keyed_randn
 
 
 def _check_timesteps(timesteps: Sequence[int], num_timesteps: int) -> list[int]:
@@ -115,36 +113,60 @@ def per_sample_losses(
     return losses.mean(dim=-1).to(torch.float32)
 
 
-def reduce_flips(losses: torch.Tensor, how: str = "max") -> torch.Tensor:
-    """Reduce the last (flip) dimension: 'max' (the paper: score flipped and unflipped images, keep
-    the higher), 'mean' or 'min'."""
-    if how not in FLIP_REDUCTIONS:
-        raise ValueError(f"Unknown flip reduction {how!r}; options: {FLIP_REDUCTIONS}.")
-    if how == "max":
-        return losses.max(dim=-1).values
-    if how == "min":
-        return losses.min(dim=-1).values
-    return losses.mean(dim=-1)
+# ----------------------------------------------------------------------------------- loss sweep
+@dataclass(frozen=True)
+class SweepConfig:
+    """What decides the numbers of a loss sweep (and so its cache key)."""
+
+    timesteps: tuple[int, ...]
+    caption_indices: tuple[int, ...]
+    flips: tuple[bool, ...] = (False,)
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["timesteps"] = [int(t) for t in self.timesteps]
+        d["caption_indices"] = [int(c) for c in self.caption_indices]
+        d["flips"] = [bool(f) for f in self.flips]
+        return d
 
 
-def unlearning_scores(
-    before: torch.Tensor, after: torch.Tensor, flip_reduction: str = "max", score: str = "difference"
+def run_loss_sweep(
+    model: TextToImageModel,
+    dataset: CaptionedImageDataset,
+    ids: Sequence[int] | np.ndarray,
+    config: SweepConfig,
+    out_dir: str | Path,
+    identity: dict[str, Any],
+    batch_size: int = 64,
+    shard_size: int = 256,
+    trainer_kwargs: dict[str, Any] | None = None,
+    description: str = "loss sweep",
 ) -> torch.Tensor:
-    """Attribution scores [num_examples] from two sweeps [num_examples, captions, flips]: the loss
-    change (after − before, or log(after / before) with score="log_ratio"; see SCORES) averaged over
-    the captions each example has (NaN slots skipped), then reduced over flips. Higher = more
-    influential."""
-    if score not in SCORES:
-        raise ValueError(f"Unknown unlearning score {score!r}; options: {SCORES}.")
-    if before.shape != after.shape:
-        raise ValueError(f"Loss sweeps differ in shape: {tuple(before.shape)} vs {tuple(after.shape)}.")
-    if before.dim() != 3:
-        raise ValueError("Expected loss sweeps of shape [num_examples, num_captions, num_flips].")
-    before, after = before.double(), after.double()
-    if score == "log_ratio":  # a loss of exactly 0 would give log 0; the smallest double stands in
-        tiny = torch.finfo(torch.float64).tiny
-        change = after.clamp_min(tiny).log() - before.clamp_min(tiny).log()
-    else:
-        change = after - before
-    per_flip = torch.nanmean(change, dim=1)
-    return reduce_flips(per_flip, flip_reduction).to(torch.float32)
+    """Per-sample losses [len(ids), captions, flips] (see `per_sample_losses`), sharded and resumable."""
+
+    def shard_fn(shard_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        losses = per_sample_losses(
+            model,
+            dataset,
+            shard_ids.tolist(),
+            timesteps=list(config.timesteps),
+            caption_indices=list(config.caption_indices),
+            flips=list(config.flips),
+            seed=config.seed,
+            batch_size=batch_size,
+        )
+        return {"losses": losses.float()}
+
+    shards = run_sharded(
+        model,
+        shard_fn,
+        ids,
+        out_dir,
+        {**identity, "sweep": config.to_dict()},
+        shard_size,
+        trainer_kwargs,
+        description,
+    )
+    return torch.cat([s["losses"] for s in shards])

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ..data.base import CaptionedImageDataModule
-from ..data.queries import Query
-from ..models.pipeline import TextToImageModel
+from diffusion_attribution.attribution.queries import Query
+from diffusion_attribution.data.base import CaptionedImageDataModule
+from diffusion_attribution.models.pipeline import TextToImageModel
 
 
 @dataclass

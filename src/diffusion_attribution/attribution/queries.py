@@ -26,9 +26,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
-from ..models.pipeline import TextToImageModel
-from ..models.sampling import generate
-from .base import image_to_tensor
+from diffusion_attribution.data.base import image_to_tensor
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.models.sampling import generate
 
 
 class QueryError(ValueError):
@@ -229,7 +229,7 @@ def build_queries(
 def save_queries(queries: Sequence[Query], out_dir: str | Path) -> None:
     from safetensors.torch import save_file
 
-    from .base import tensor_to_image
+    from diffusion_attribution.data.base import tensor_to_image
 
     out = Path(out_dir) / "queries"
     out.mkdir(parents=True, exist_ok=True)

@@ -19,155 +19,37 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from safetensors import safe_open
-from torch import nn
-from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from ..data.base import CaptionedImageDataset
-from ..methods.weight_subsets import select_parameters
-from ..models.pipeline import TextToImageModel
-from ..utils.atomic import atomic_save_tensors, atomic_write_text
-from ..utils.seeding import keyed_generator
+from diffusion_attribution.autograd.per_sample import per_sample_gradients, vmap_friendly_attention
+from diffusion_attribution.compute.sharded import run_sharded
+from diffusion_attribution.curvature.base import Curvature, FisherError
+from diffusion_attribution.data.base import CaptionedImageDataset
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.models.weight_subsets import select_parameters
+from diffusion_attribution.objective.batches import training_loss_batches
+from diffusion_attribution.objective.loss import evaluation_mode
+from diffusion_attribution.utils.atomic import atomic_save_tensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-# Separates the Fisher's random stream from every other keyed stream (loss sweep, query samples).
-FISHER_STREAM = 7_146_081
+
 METADATA_KEY = "diffusion_attribution.fisher"
+
+
 NAMES_KEY = "diffusion_attribution.fisher.names"  # safetensors sorts tensors; keep the model's order
+
+
 FISHER_METHODS = ("auto", "vmap", "loop")
-
-
-class FisherError(ValueError):
-    """A Fisher that cannot be used (non-finite, all zero, or made for other weights)."""
-
-
-# --------------------------------------------------------------------------------------- helpers
-@contextmanager
-def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Every submodule in eval mode (no dropout), then each put back as it was."""
-    modes = {sub: sub.training for sub in module.modules()}
-    module.eval()
-    try:
-        yield module
-    finally:
-        for sub, mode in modes.items():
-            sub.train(mode)
-
-
-@contextmanager
-def vmap_friendly_attention(unet: nn.Module) -> Iterator[nn.Module]:
-    """Swap diffusers' SDPA attention processors for the mathematically equivalent explicit ones.
-
-    functorch has no CPU batching rule for the fused scaled-dot-product kernel, so vmap runs it one
-    example at a time; the explicit softmax(QK^T)V batches. Only plain `AttnProcessor2_0` layers are
-    swapped (custom processors, e.g. Custom Diffusion's, keep their own behaviour).
-    """
-    processors = getattr(unet, "attn_processors", None)
-    if not processors or not hasattr(unet, "set_attn_processor"):
-        yield unet
-        return
-    swapped = {
-        name: (AttnProcessor() if type(proc) is AttnProcessor2_0 else proc)
-        for name, proc in processors.items()
-    }
-    if all(swapped[name] is proc for name, proc in processors.items()):
-        yield unet
-        return
-    unet.set_attn_processor(swapped)
-    try:
-        yield unet
-    finally:
-        unet.set_attn_processor(processors)
-
-
-def split_parameters(
-    unet: nn.Module, params: Mapping[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(differentiated, constant): detached copies-by-reference of the selected and of all other
-    weights, for `functional_call`. Names must be parameter names of `unet`."""
-    own = dict(unet.named_parameters())
-    unknown = sorted(set(params) - set(own))
-    if unknown:
-        raise ValueError(
-            f"{len(unknown)} selected parameters are not parameters of the UNet (e.g. {unknown[:3]}). "
-            "Select them with select_parameters(model.unet, subset): names are relative to the UNet."
-        )
-    theta = {name: params[name].detach() for name in params}
-    frozen = {name: p.detach() for name, p in own.items() if name not in params}
-    return theta, frozen
-
-
-def squared_error(
-    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-example mean squared error [B] over channels and pixels (over the masked pixels only,
-    weighted by the mask, when a [1, H, W] mask is given)."""
-    error = (prediction.float() - target.float()).pow(2)
-    if mask is None:
-        return error.flatten(1).mean(1)
-    weights = mask.to(error.dtype)
-    return (error * weights).flatten(1).sum(1) / (weights.sum() * error.shape[1])
-
-
-def encode_captions(model: TextToImageModel, captions: Sequence[str]) -> torch.Tensor:
-    """Text states [len(captions), L, D], each distinct caption encoded once."""
-    distinct = list(dict.fromkeys(captions))
-    with torch.no_grad():
-        states = model.encode_text(distinct)
-    index = torch.tensor([distinct.index(c) for c in captions], device=states.device)
-    return states[index]
-
-
-def per_sample_gradients(
-    unet: nn.Module,
-    params: Mapping[str, torch.Tensor],
-    noisy: torch.Tensor,
-    timesteps: torch.Tensor,
-    text_states: torch.Tensor,
-    target: torch.Tensor,
-    method: str = "vmap",
-    vmap_chunk_size: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Exact gradients [B, *shape] of each example's mean squared error w.r.t. `params`.
-
-    method="vmap": one vectorised call; "loop": the same function one example at a time.
-    """
-    if method not in ("vmap", "loop"):
-        raise ValueError(f"Unknown per-sample gradient method {method!r}: use 'vmap' or 'loop'.")
-    theta, frozen = split_parameters(unet, params)
-
-    def example_loss(
-        theta: dict[str, torch.Tensor],
-        noisy: torch.Tensor,
-        timestep: torch.Tensor,
-        text: torch.Tensor,
-        target: torch.Tensor,
-    ) -> torch.Tensor:
-        out = functional_call(
-            unet, {**frozen, **theta}, (noisy[None], timestep[None]), {"encoder_hidden_states": text[None]}
-        ).sample
-        return squared_error(out, target[None])[0]
-
-    with torch.no_grad():  # grad() ignores it inside; it stops autograd tracking outside
-        if method == "vmap":
-            fn = vmap(grad(example_loss), in_dims=(None, 0, 0, 0, 0), chunk_size=vmap_chunk_size)
-            return fn(theta, noisy, timesteps, text_states, target)
-        rows = [
-            grad(example_loss)(theta, noisy[i], timesteps[i], text_states[i], target[i])
-            for i in range(noisy.shape[0])
-        ]
-    return {name: torch.stack([row[name] for row in rows]) for name in theta}
 
 
 # --------------------------------------------------------------------------------------- Fisher
@@ -306,73 +188,8 @@ def all_reduce_fisher_sums(sums: FisherSums) -> FisherSums:
     return sums
 
 
-@dataclass(frozen=True)
-class FisherDraw:
-    """The random choices for one Fisher sample of one example."""
-
-    timestep: int
-    caption_index: int
-    flip: bool
-    noise: torch.Tensor
-
-
-def fisher_draw(
-    seed: int,
-    example_id: int,
-    sample_index: int,
-    num_captions: int,
-    num_timesteps: int,
-    latent_shape: Sequence[int],
-    random_flip: bool,
-) -> FisherDraw:
-    """Timestep (uniform, as in training), caption, flip coin and noise, all keyed by what they are
-    for. The coin is always drawn so the other draws do not depend on whether flips are used."""
-    generator = keyed_generator(seed, FISHER_STREAM, example_id, sample_index)
-    timestep = int(torch.randint(num_timesteps, (), generator=generator))
-    caption_index = int(torch.randint(num_captions, (), generator=generator))
-    coin = float(torch.rand((), generator=generator))
-    noise = torch.randn(tuple(latent_shape), generator=generator)
-    return FisherDraw(timestep, caption_index, bool(random_flip and coin < 0.5), noise)
-
-
 def _resolve_params(model: TextToImageModel, params: str | Mapping[str, torch.Tensor]) -> dict[str, Any]:
     return select_parameters(model.unet, params) if isinstance(params, str) else dict(params)
-
-
-def training_loss_batches(
-    model: TextToImageModel,
-    dataset: CaptionedImageDataset,
-    work: Sequence[tuple[int, int]],
-    batch_size: int,
-    seed: int,
-    random_flip: bool,
-) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(chunk, noisy, timesteps, text states, target) batches of the training loss for (example id,
-    sample index) pairs, each drawn by `fisher_draw`: what the Fisher and its EK-FAC factors average."""
-    device = model.device
-    dtype = model.unet.dtype
-    num_timesteps = int(model.scheduler.config.num_train_timesteps)
-    for begin in range(0, len(work), batch_size):
-        chunk = list(work[begin : begin + batch_size])
-        pixels, captions, timesteps, noise = [], [], [], []
-        for example_id, sample_index in chunk:
-            num_captions = len(dataset.source.captions(example_id))
-            draw = fisher_draw(
-                seed, example_id, sample_index, num_captions, num_timesteps, model.latent_shape, random_flip
-            )
-            example = dataset.example(example_id, draw.caption_index, draw.flip)
-            pixels.append(example["pixel_values"])
-            captions.append(example["caption"])
-            timesteps.append(draw.timestep)
-            noise.append(draw.noise)
-        latents = model.encode_images(torch.stack(pixels).to(device, dtype))
-        noise_t = torch.stack(noise).to(device, latents.dtype)
-        t = torch.tensor(timesteps, dtype=torch.long, device=device)
-        with torch.no_grad():
-            noisy = model.add_noise(latents, noise_t, t)
-            target = model.target(latents, noise_t, t)
-            text_states = encode_captions(model, captions)
-        yield chunk, noisy, t, text_states, target
 
 
 def accumulate_fisher(
@@ -477,3 +294,158 @@ def compute_fisher(
         "loss": "mean squared error over channels and pixels, real caption, uniform timestep",
     }
     return sums.finalize(metadata).validate()
+
+
+def run_fisher(
+    model: TextToImageModel,
+    dataset: CaptionedImageDataset,
+    ids: Sequence[int] | np.ndarray,
+    subset: str,
+    out_dir: str | Path,
+    identity: dict[str, Any],
+    batch_size: int = 64,
+    seed: int = 0,
+    samples_per_example: int = 1,
+    shard_size: int = 512,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> FisherDiagonal:
+    """The diagonal empirical Fisher over `ids`: per-shard sums of squared per-sample gradients,
+    written as they finish (a killed run resumes), then summed in shard order."""
+
+    def shard_fn(shard_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        sums = accumulate_fisher(
+            model,
+            dataset,
+            shard_ids.tolist(),
+            subset,
+            batch_size=batch_size,
+            seed=seed,
+            samples_per_example=samples_per_example,
+            progress=False,
+        )
+        return {**{f"sum.{n}": s for n, s in sums.sums.items()}, "count": torch.tensor(sums.count)}
+
+    config = {"subset": subset, "seed": seed, "samples_per_example": samples_per_example}
+    shards = run_sharded(
+        model, shard_fn, ids, out_dir, {**identity, "fisher": config}, shard_size, trainer_kwargs, "Fisher"
+    )
+    total: FisherSums | None = None
+    for shard in shards:
+        part = FisherSums(
+            {k.removeprefix("sum."): v.double() for k, v in shard.items() if k.startswith("sum.")},
+            int(shard["count"]),
+        )
+        total = part if total is None else total.merge(part)
+    assert total is not None
+    metadata = {
+        **config,
+        "num_examples": total.count // samples_per_example,
+        "random_flip": dataset.random_flip,
+        "prediction_type": model.prediction_type,
+        "identity": identity,
+    }
+    return total.finalize(metadata).validate()
+
+
+# ------------------------------------------------------------------------------------- curvature
+class DiagonalCurvature(Curvature):
+    """`method/curvature=diagonal` (the paper's AbU): P = N·(F + λ), F the diagonal empirical Fisher of
+    the selected weights, λ = damping · mean(F) over them. The damping is relative to the Fisher's own
+    scale, so it means the same for any N: a weight with F = 0 moves at most 1/damping times as far as
+    a weight of average Fisher."""
+
+    name = "diagonal"
+
+    def __init__(self, damping: float = 0.1, samples_per_example: int = 1) -> None:
+        super().__init__(damping, samples_per_example)
+        self.fisher: FisherDiagonal | None = None
+
+    @classmethod
+    def from_fisher(cls, fisher: FisherDiagonal, **settings: Any) -> DiagonalCurvature:
+        """This curvature with an already computed Fisher (e.g. from `compute_fisher`)."""
+        curvature = cls(**settings)
+        curvature.fisher = fisher
+        return curvature
+
+    def fit(
+        self,
+        model: TextToImageModel,
+        dataset: CaptionedImageDataset,
+        ids: Sequence[int],
+        params: str,
+        out_dir: Path,
+        identity: dict[str, Any],
+        batch_size: int = 64,
+        seed: int = 0,
+        trainer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.fisher = run_fisher(
+            model,
+            dataset,
+            ids,
+            params,
+            out_dir,
+            identity,
+            batch_size=batch_size,
+            seed=seed,
+            samples_per_example=self.samples_per_example,
+            trainer_kwargs=trainer_kwargs,
+        )
+
+    def save(self, path: Path) -> None:
+        self._fitted().save(path)
+
+    def load(self, path: Path) -> None:
+        self.fisher = FisherDiagonal.load(path)
+
+    def _fitted(self) -> FisherDiagonal:
+        if self.fisher is None:
+            raise FisherError(f"The {self.name} curvature has not been fitted or loaded yet.")
+        return self.fisher
+
+    def validate(self, params: Mapping[str, torch.Tensor]) -> None:
+        self._fitted().validate(params)
+
+    def default_num_train(self) -> float | None:
+        num = self._fitted().metadata.get("num_examples")
+        return None if num is None else float(num)
+
+    def _damping_value(self, names: Sequence[str]) -> float:
+        return self.damping * self._fitted().mean(names)
+
+    def precondition(self, gradient: Mapping[str, torch.Tensor], num_train: float) -> dict[str, torch.Tensor]:
+        fisher = self._fitted()
+        names = list(gradient)
+        lam = self._damping_value(names)
+        out = {}
+        for name in names:
+            value = fisher[name].to(gradient[name].device, torch.float64)
+            scale = (1.0 / (float(num_train) * (value + lam))).to(torch.float32)
+            out[name] = gradient[name] * scale
+        return out
+
+
+class NewtonCurvature(DiagonalCurvature):
+    """`method/curvature=newton`: the undamped diagonal step of the paper's reference, P = N·F. Any
+    Fisher entry equal to zero among the selected weights is an error (the step would be infinite)."""
+
+    name = "newton"
+
+    def __init__(self, samples_per_example: int = 1) -> None:
+        super().__init__(0.0, samples_per_example)
+
+    def settings(self) -> dict[str, Any]:  # the same fitted Fisher as the diagonal curvature
+        return {**super().settings(), "curvature": DiagonalCurvature.name}
+
+    def _damping_value(self, names: Sequence[str]) -> float:
+        fisher = self._fitted()
+        zeros = {n: int((fisher[n] == 0).sum()) for n in names}
+        zeros = {n: z for n, z in zeros.items() if z}
+        if zeros:
+            example = next(iter(zeros))
+            raise FisherError(
+                f"method/curvature=newton divides by the Fisher, but {sum(zeros.values())} selected entries "
+                f"are zero (e.g. {zeros[example]} in {example}). Use method/curvature=diagonal with "
+                "method.curvature.damping > 0 instead."
+            )
+        return 0.0

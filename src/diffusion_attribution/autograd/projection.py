@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from ..utils.seeding import seed_from_keys
+from diffusion_attribution.utils.seeding import seed_from_keys
 
 # Separates the projection's random stream from every other keyed stream.
 PROJECTION_STREAM = 3_904_227

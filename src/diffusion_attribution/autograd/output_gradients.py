@@ -23,42 +23,16 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ..data.base import CaptionedImageDataset
-from ..models.pipeline import TextToImageModel
-from ..utils.seeding import keyed_randn
-from .fisher import encode_captions, split_parameters, squared_error, vmap_friendly_attention
-from .linear_grads import linear_owners, linear_per_sample_grads
+from diffusion_attribution.autograd.linear_grads import linear_owners, linear_per_sample_grads
+from diffusion_attribution.autograd.per_sample import split_parameters, vmap_friendly_attention
+from diffusion_attribution.data.base import CaptionedImageDataset
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.objective.draws import TRAK_STREAM
+from diffusion_attribution.objective.loss import encode_captions
+from diffusion_attribution.objective.outputs import check_output, output_values
+from diffusion_attribution.utils.seeding import keyed_randn
 
-# Separates the noise of these gradients from every other keyed stream (loss sweep, Fisher, queries).
-TRAK_STREAM = 8_230_561
-OUTPUT_FUNCTIONS = {
-    "loss": "the training loss, mean squared error of the model output against its target (TRAK)",
-    "output_norm": "the squared norm of the model output, averaged over pixels (D-TRAK)",
-}
 GRADIENT_METHODS = ("auto", "linear", "vmap", "loop")
-
-
-def check_output(output: str) -> str:
-    if output not in OUTPUT_FUNCTIONS:
-        options = "; ".join(f"{k}: {v}" for k, v in OUTPUT_FUNCTIONS.items())
-        raise ValueError(f"Unknown output function {output!r}. Options: {options}.")
-    return output
-
-
-def output_values(
-    prediction: torch.Tensor,
-    output: str,
-    target: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The output function per example [B] from the model's prediction (`mask`: [1, H, W] weights)."""
-    if output == "loss":
-        if target is None:
-            raise ValueError("The loss output function needs the target.")
-        return squared_error(prediction, target, mask)
-    if output == "output_norm":
-        return squared_error(prediction, torch.zeros_like(prediction), mask)
-    return check_output(output)  # raises
 
 
 def resolve_method(unet: nn.Module, params: Mapping[str, torch.Tensor], method: str) -> str:

@@ -28,9 +28,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.base import CaptionedImageDataModule, CaptionedImageDataset, DataError, collate_examples
-from ..utils.seeding import keyed_generator
-from .training import DiffusionTrainingModule
+from diffusion_attribution.data.base import (
+    CaptionedImageDataModule,
+    CaptionedImageDataset,
+    DataError,
+    collate_examples,
+)
+from diffusion_attribution.training.module import DiffusionTrainingModule
+from diffusion_attribution.utils.seeding import keyed_generator
 
 # Key prefixes: the data order, an example's loading draws and its loss draws never share a stream.
 ORDER_STREAM, EXAMPLE_STREAM, LOSS_STREAM = 101, 102, 103

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,10 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.base import CaptionedImageDataset
-from ..models.pipeline import TextToImageModel
-from ..utils.atomic import atomic_save_tensors, atomic_write_text
-from .fisher import FisherDiagonal, FisherSums, accumulate_fisher
-from .loss_sweep import per_sample_losses
+from diffusion_attribution.utils.atomic import atomic_save_tensors, atomic_write_text
 
 log = logging.getLogger(__name__)
+
 
 ShardFn = Callable[[np.ndarray], dict[str, torch.Tensor]]
 
@@ -141,113 +137,3 @@ def run_sharded(
     else:
         log.info("%s: all %d shards found in %s", description, num_shards, out_dir)
     return [load_file(shard_path(out_dir, s)) for s in range(num_shards)]
-
-
-# ----------------------------------------------------------------------------------- loss sweep
-@dataclass(frozen=True)
-class SweepConfig:
-    """What decides the numbers of a loss sweep (and so its cache key)."""
-
-    timesteps: tuple[int, ...]
-    caption_indices: tuple[int, ...]
-    flips: tuple[bool, ...] = (False,)
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["timesteps"] = [int(t) for t in self.timesteps]
-        d["caption_indices"] = [int(c) for c in self.caption_indices]
-        d["flips"] = [bool(f) for f in self.flips]
-        return d
-
-
-def run_loss_sweep(
-    model: TextToImageModel,
-    dataset: CaptionedImageDataset,
-    ids: Sequence[int] | np.ndarray,
-    config: SweepConfig,
-    out_dir: str | Path,
-    identity: dict[str, Any],
-    batch_size: int = 64,
-    shard_size: int = 256,
-    trainer_kwargs: dict[str, Any] | None = None,
-    description: str = "loss sweep",
-) -> torch.Tensor:
-    """Per-sample losses [len(ids), captions, flips] (see `per_sample_losses`), sharded and resumable."""
-
-    def shard_fn(shard_ids: np.ndarray) -> dict[str, torch.Tensor]:
-        losses = per_sample_losses(
-            model,
-            dataset,
-            shard_ids.tolist(),
-            timesteps=list(config.timesteps),
-            caption_indices=list(config.caption_indices),
-            flips=list(config.flips),
-            seed=config.seed,
-            batch_size=batch_size,
-        )
-        return {"losses": losses.float()}
-
-    shards = run_sharded(
-        model,
-        shard_fn,
-        ids,
-        out_dir,
-        {**identity, "sweep": config.to_dict()},
-        shard_size,
-        trainer_kwargs,
-        description,
-    )
-    return torch.cat([s["losses"] for s in shards])
-
-
-def run_fisher(
-    model: TextToImageModel,
-    dataset: CaptionedImageDataset,
-    ids: Sequence[int] | np.ndarray,
-    subset: str,
-    out_dir: str | Path,
-    identity: dict[str, Any],
-    batch_size: int = 64,
-    seed: int = 0,
-    samples_per_example: int = 1,
-    shard_size: int = 512,
-    trainer_kwargs: dict[str, Any] | None = None,
-) -> FisherDiagonal:
-    """The diagonal empirical Fisher over `ids`: per-shard sums of squared per-sample gradients,
-    written as they finish (a killed run resumes), then summed in shard order."""
-
-    def shard_fn(shard_ids: np.ndarray) -> dict[str, torch.Tensor]:
-        sums = accumulate_fisher(
-            model,
-            dataset,
-            shard_ids.tolist(),
-            subset,
-            batch_size=batch_size,
-            seed=seed,
-            samples_per_example=samples_per_example,
-            progress=False,
-        )
-        return {**{f"sum.{n}": s for n, s in sums.sums.items()}, "count": torch.tensor(sums.count)}
-
-    config = {"subset": subset, "seed": seed, "samples_per_example": samples_per_example}
-    shards = run_sharded(
-        model, shard_fn, ids, out_dir, {**identity, "fisher": config}, shard_size, trainer_kwargs, "Fisher"
-    )
-    total: FisherSums | None = None
-    for shard in shards:
-        part = FisherSums(
-            {k.removeprefix("sum."): v.double() for k, v in shard.items() if k.startswith("sum.")},
-            int(shard["count"]),
-        )
-        total = part if total is None else total.merge(part)
-    assert total is not None
-    metadata = {
-        **config,
-        "num_examples": total.count // samples_per_example,
-        "random_flip": dataset.random_flip,
-        "prediction_type": model.prediction_type,
-        "identity": identity,
-    }
-    return total.finalize(metadata).validate()

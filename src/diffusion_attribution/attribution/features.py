@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.base import CaptionedImageDataModule
-from ..data.queries import Query
-from ..models.backbones import BACKBONES, FeatureBackbone, check_backbone, load_backbone
-from ..models.pipeline import TextToImageModel
-from ..modules.sharded_sweep import run_sharded
-from ..utils.fingerprint import data_fingerprint, hash_json
-from .base import AttributionContext, Attributor, disk_bytes
+from diffusion_attribution.attribution.base import AttributionContext, Attributor, disk_bytes
+from diffusion_attribution.attribution.queries import Query
+from diffusion_attribution.compute.sharded import run_sharded
+from diffusion_attribution.data.base import CaptionedImageDataModule
+from diffusion_attribution.models.backbones import BACKBONES, FeatureBackbone, check_backbone, load_backbone
+from diffusion_attribution.models.pipeline import TextToImageModel
+from diffusion_attribution.utils.fingerprint import data_fingerprint, hash_json
 
 log = logging.getLogger(__name__)
 

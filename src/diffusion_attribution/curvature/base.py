@@ -1,0 +1,90 @@
+"""The curvature interface: the preconditioner P of the unlearning step θ ← θ + α P⁻¹ ∇θ L(ẑ).
+
+A curvature is chosen by the config group `method/curvature` (conf/method/curvature/<name>.yaml) and
+lives in one file of this package. Its life cycle, driven by the unlearning attributor:
+
+    curvature.fit(model, dataset, ids, params, out_dir, identity, ...)  # over the training set, sharded
+    curvature.save(path) / curvature.load(path)                         # cached, keyed by `settings()`
+    curvature.validate(selected)                                        # fitted for these weights?
+    curvature.precondition(gradient, num_train)                         # P⁻¹ g, by parameter name
+
+`settings()` names what decides the fitted numbers (it enters the cache key); the damping is applied
+at `precondition` time, so one cached fit serves every damping. A curvature without factors (the
+identity) says so with `needs_fit = False`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from diffusion_attribution.data.base import CaptionedImageDataset
+from diffusion_attribution.models.pipeline import TextToImageModel
+
+
+class FisherError(ValueError):
+    """A fitted curvature that cannot be used (non-finite, all zero, or made for other weights)."""
+
+
+class Curvature(ABC):
+    """A preconditioner of the unlearning step. Subclasses set `name` and implement the abstract
+    methods; `damping` is relative to the curvature's own scale (see each subclass)."""
+
+    name: ClassVar[str] = "curvature"
+    needs_fit: ClassVar[bool] = True
+
+    def __init__(self, damping: float = 0.1, samples_per_example: int = 1) -> None:
+        if not damping >= 0:
+            raise ValueError(f"method.curvature.damping must be >= 0, got {damping}.")
+        if int(samples_per_example) < 1:
+            raise ValueError(
+                f"method.curvature.samples_per_example must be at least 1, got {samples_per_example}."
+            )
+        self.damping = float(damping)
+        self.samples_per_example = int(samples_per_example)
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the fitted numbers (part of the cache key; the damping is not)."""
+        return {"curvature": self.name, "samples_per_example": self.samples_per_example}
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that decide the preconditioned step (written into ranking.json)."""
+        return {**self.settings(), "damping": self.damping}
+
+    @abstractmethod
+    def fit(
+        self,
+        model: TextToImageModel,
+        dataset: CaptionedImageDataset,
+        ids: Sequence[int],
+        params: str,
+        out_dir: Path,
+        identity: dict[str, Any],
+        batch_size: int = 64,
+        seed: int = 0,
+        trainer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """Fit over the training examples `ids` of `dataset` for the weight subset `params`, as a sharded
+        resumable run under `out_dir` (`identity` says what made the numbers)."""
+
+    @abstractmethod
+    def save(self, path: Path) -> None: ...
+
+    @abstractmethod
+    def load(self, path: Path) -> None: ...
+
+    @abstractmethod
+    def validate(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Raise FisherError unless the fitted factors cover exactly these weights, finite."""
+
+    @abstractmethod
+    def precondition(self, gradient: Mapping[str, torch.Tensor], num_train: float) -> dict[str, torch.Tensor]:
+        """P⁻¹ g by parameter name (float32, on the gradient's device)."""
+
+    def default_num_train(self) -> float | None:
+        """N in the step, as recorded by the fit (None when the fit does not know it)."""
+        return None

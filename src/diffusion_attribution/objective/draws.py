@@ -1,0 +1,73 @@
+"""TODO docstring (diffusion_attribution.curvature.diagonal)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from diffusion_attribution.utils.seeding import keyed_generator
+
+# Separates the Fisher's random stream from every other keyed stream (loss sweep, query samples).
+FISHER_STREAM = 7_146_081
+
+
+@dataclass(frozen=True)
+class FisherDraw:
+    """The random choices for one Fisher sample of one example."""
+
+    timestep: int
+    caption_index: int
+    flip: bool
+    noise: torch.Tensor
+
+
+def fisher_draw(
+    seed: int,
+    example_id: int,
+    sample_index: int,
+    num_captions: int,
+    num_timesteps: int,
+    latent_shape: Sequence[int],
+    random_flip: bool,
+) -> FisherDraw:
+    """Timestep (uniform, as in training), caption, flip coin and noise, all keyed by what they are
+    for. The coin is always drawn so the other draws do not depend on whether flips are used."""
+    generator = keyed_generator(seed, FISHER_STREAM, example_id, sample_index)
+    timestep = int(torch.randint(num_timesteps, (), generator=generator))
+    caption_index = int(torch.randint(num_captions, (), generator=generator))
+    coin = float(torch.rand((), generator=generator))
+    noise = torch.randn(tuple(latent_shape), generator=generator)
+    return FisherDraw(timestep, caption_index, bool(random_flip and coin < 0.5), noise)
+
+
+QUERY_STREAM = 5_162_017
+
+
+def query_draws(
+    seed: int,
+    step: int,
+    num_samples: int,
+    latent_shape: Sequence[int],
+    num_timesteps: int,
+    stratified: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps [S] and noise [S, *latent_shape] for the query loss at an unlearning step.
+
+    Timesteps are uniform over [0, num_timesteps). Stratified (default): sample j is uniform within
+    the j-th of S equal strata, which keeps the estimate of the mean over timesteps unbiased and
+    removes most of its variance (the loss varies far more with t than with the noise).
+    """
+    timesteps, noise = [], []
+    for index in range(num_samples):
+        generator = keyed_generator(seed, QUERY_STREAM, step, index)
+        u = float(torch.rand((), generator=generator))
+        position = (index + u) / num_samples if stratified else u
+        timesteps.append(min(int(position * num_timesteps), num_timesteps - 1))
+        noise.append(torch.randn(tuple(latent_shape), generator=generator))
+    return torch.tensor(timesteps, dtype=torch.long), torch.stack(noise)
+
+
+# Separates the noise of these gradients from every other keyed stream (loss sweep, Fisher, queries).
+TRAK_STREAM = 8_230_561
