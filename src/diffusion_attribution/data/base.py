@@ -44,7 +44,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     an alpha channel or a transparency key are composited onto ALPHA_BACKGROUND (white).
     """
     if image.mode == "RGB" and "transparency" not in image.info:
-        return image
+        return image.convert("RGB")  # a copy, as every other branch returns: callers may close `image`
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.int64)
         key = image.info.get("transparency")
