@@ -114,7 +114,12 @@ class CaptionsTxtPoolSource(CaptionedImageSource):
             for p in image_dir.iterdir()
             if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
         )
-        captions = captions_path.read_text(encoding="utf-8").splitlines()
+        try:
+            captions = captions_path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{captions_path} is not UTF-8 text ({error}). Re-save it as UTF-8, one caption per line."
+            ) from None
         if limit is not None:
             if limit <= 0 or limit > len(names):
                 raise DataError(
