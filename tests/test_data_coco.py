@@ -58,7 +58,7 @@ def test_subset_file_keeps_canonical_order(tmp_path: Path, subset_text: str) -> 
     make_coco(tmp_path)
     subset = tmp_path / "subset.txt"
     subset.write_text(subset_text)
-    source = CocoCaptionsSource(tmp_path, subset=str(subset))
+    source = CocoCaptionsSource(tmp_path, subset_coco_ids=str(subset))
     assert [source.metadata(i)["coco_id"] for i in range(len(source))] == [139, 397]
 
 
@@ -66,8 +66,8 @@ def test_subset_unknown_ids_named(tmp_path: Path) -> None:
     make_coco(tmp_path)
     subset = tmp_path / "subset.txt"
     subset.write_text("139\n12345\n")
-    with pytest.raises(DataError, match=r"not in .*captions_train2017\.json: \[12345\]"):
-        CocoCaptionsSource(tmp_path, subset=str(subset))
+    with pytest.raises(DataError, match=r"not COCO image ids in .*captions_train2017\.json: \[12345\]"):
+        CocoCaptionsSource(tmp_path, subset_coco_ids=str(subset))
 
 
 def test_datamodule_tensors_exclude_and_batch(tmp_path: Path) -> None:
@@ -126,7 +126,7 @@ def test_images_without_caption_named(tmp_path: Path) -> None:
         CocoCaptionsSource(tmp_path)
     subset = tmp_path / "subset.txt"
     subset.write_text("139\n397\n")  # the documented fix: leave the uncaptioned image out
-    assert len(CocoCaptionsSource(tmp_path, subset=str(subset))) == 2
+    assert len(CocoCaptionsSource(tmp_path, subset_coco_ids=str(subset))) == 2
 
 
 def test_corrupt_image_fails_on_load_naming_file(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
-from diffusion_attribution.data.base import image_to_tensor
+from diffusion_attribution.data.base import image_to_tensor, to_rgb
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.sampling import generate
 
@@ -130,7 +130,7 @@ def load_query_image(path: str | Path, resolution: int) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             image.load()
-            rgb = image.convert("RGB")
+            rgb = to_rgb(image)  # 16-bit and transparent images converted as training images are
     except (UnidentifiedImageError, OSError) as err:
         raise QueryError(f"Query image {path} cannot be read ({err}); give a PNG or JPEG file.") from err
     if rgb.size != (resolution, resolution):

@@ -13,11 +13,22 @@ The released layout under `data.root` (the GenDataAttribution data set):
                               UNet's cross-attention K/V weights)
 
 A customized model is Stable Diffusion 1.4 (a local diffusers folder) with the token added and the K/V
-weights loaded strictly (`apply_abc_customization`, `model=custom_diffusion`). Weight files are read
-only with `torch.load(weights_only=True)`. The pool is a configured image folder (`data.pool`, the
-data=folder convention; a LAION subset in the paper) followed by the entry's exemplars, each captioned
-with the model's training prompt ("<new1> <category>" for objects, "A picture in the style of <new1>
-art" for styles, as the paper's tasks; `data.train_prompt` overrides).
+weights loaded strictly (models/customization.py `apply_abc_customization`, `model=custom_diffusion`). Weight files are read
+only with `torch.load(weights_only=True)`. The pool (`data.pool`) is followed by the entry's exemplars,
+each captioned with the model's training prompt ("<new1> <category>" for objects, "A picture in the
+style of <new1> art" for styles, as the paper's tasks; `data.train_prompt` overrides).
+
+The pool folder is read in either of two layouts:
+
+    released LAION subset   <pool>/images/ (the image files) and <pool>/captions.txt: the images sorted
+                            by file name (files with an image extension, IMAGE_EXTENSIONS), line k of
+                            captions.txt the caption of the k-th image. Used when the folder has no
+                            metadata file (and data.pool_metadata is null).
+    image folder            metadata.jsonl/csv with file_name and text (data=folder's convention);
+                            data.pool_metadata names another metadata file.
+
+`data.pool_size` keeps the first N pool images (ids 0..N-1); upstream evaluates on the first 100,000
+of the LAION subset, so data.pool_size=100000 reproduces its pool. null keeps them all.
 """
 
 from __future__ import annotations
@@ -35,9 +46,16 @@ from diffusion_attribution.data.base import (
     CaptionedImageSource,
     DataError,
 )
-from diffusion_attribution.data.folder import ImageFolderSource, open_rgb
+from diffusion_attribution.data.folder import (
+    METADATA_NAMES,
+    ImageFolderSource,
+    content_key_of_files,
+    open_rgb,
+)
 
 OBJECT_SETS = ("imagenet",)  # the other sets (bamfg, artchive) are artistic styles
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+UPSTREAM_POOL_SIZE = 100_000  # the released LAION subset's first 100k images, as upstream evaluates
 
 
 # ------------------------------------------------------------------------------------------ pool
@@ -76,6 +94,136 @@ class ExemplarSource(CaptionedImageSource):
 
     def metadata(self, idx: int) -> dict[str, Any]:
         return {"exemplar": True}
+
+    def content_key(self) -> str:
+        return content_key_of_files(self.root, [str(f) for f in self.files])
+
+
+class CaptionsTxtPoolSource(CaptionedImageSource):
+    """The released LAION subset as is: `<root>/images/` sorted by name, line k of `<root>/captions.txt`
+    the caption of image k; `limit` keeps the first images only (module docstring)."""
+
+    def __init__(self, root: str | Path, limit: int | None = None) -> None:
+        self.root = Path(root).expanduser()
+        image_dir, captions_path = self.root / "images", self.root / "captions.txt"
+        if not image_dir.is_dir() or not captions_path.is_file():
+            raise DataError(
+                f"{self.root} is not a released pool folder: it needs images/ and captions.txt (one caption "
+                "per line, in sorted image order), or a metadata.jsonl/csv (give its name with "
+                "data.pool_metadata=<name>)."
+            )
+        names = sorted(
+            p.name
+            for p in image_dir.iterdir()
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+        )
+        try:
+            captions = captions_path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{captions_path} is not UTF-8 text ({error}). Re-save it as UTF-8, one caption per line."
+            ) from None
+        if limit is not None:
+            if limit <= 0 or limit > len(names):
+                raise DataError(
+                    f"data.pool_size={limit}, but {image_dir} has {len(names)} images. Give a size in "
+                    f"1..{len(names)} (upstream uses {UPSTREAM_POOL_SIZE}), or null for every image."
+                )
+            if len(captions) < limit:
+                raise DataError(
+                    f"{captions_path} has {len(captions)} lines, fewer than data.pool_size={limit} images: "
+                    "line k must be the caption of the k-th image (sorted by file name). Complete the "
+                    "file or lower data.pool_size."
+                )
+            names = names[:limit]
+        elif len(captions) != len(names):
+            raise DataError(
+                f"{captions_path} has {len(captions)} lines but {image_dir} has {len(names)} images: line k "
+                "must be the caption of the k-th image sorted by file name. Restore the missing images "
+                f"or captions, or keep the first N with data.pool_size=N (upstream: {UPSTREAM_POOL_SIZE})."
+            )
+        if not names:
+            raise DataError(f"{image_dir} has no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+        self.file_names = [f"images/{name}" for name in names]
+        self._captions = [c.strip() for c in captions[: len(names)]]
+        empty = [k + 1 for k, c in enumerate(self._captions) if not c]
+        if empty:
+            raise DataError(
+                f"{captions_path} has empty captions on line(s) {empty[:10]}: give every image a caption "
+                "(line k is the caption of the k-th image sorted by file name)."
+            )
+
+    def __len__(self) -> int:
+        return len(self.file_names)
+
+    def captions(self, idx: int) -> list[str]:
+        return [self._captions[idx]]
+
+    def load_image(self, idx: int) -> Image.Image:
+        return open_rgb(self.root / self.file_names[idx])
+
+    def file_name(self, idx: int) -> str:
+        return self.file_names[idx]
+
+    def content_key(self) -> str:
+        return content_key_of_files(self.root, self.file_names)
+
+
+class FirstSource(CaptionedImageSource):
+    """The first `count` examples of a source (ids unchanged)."""
+
+    def __init__(self, source: CaptionedImageSource, count: int, what: str = "data.pool_size") -> None:
+        if not 0 < count <= len(source):
+            raise DataError(
+                f"{what}={count}, but the pool has {len(source)} images: give a size in 1..{len(source)}, "
+                "or null for every image."
+            )
+        self.source, self.count = source, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def captions(self, idx: int) -> list[str]:
+        return self.source.captions(idx)
+
+    def load_image(self, idx: int) -> Image.Image:
+        return self.source.load_image(idx)
+
+    def file_name(self, idx: int) -> str:
+        return self.source.file_name(idx)
+
+    def metadata(self, idx: int) -> dict[str, Any]:
+        return self.source.metadata(idx)
+
+    def content_key(self) -> str:
+        if isinstance(self.source, ImageFolderSource):
+            return content_key_of_files(self.source.root, self.source.file_names[: self.count])
+        return f"first {self.count} of {self.source.content_key()}"
+
+
+def build_pool_source(
+    pool: str | Path, pool_metadata: str | None = None, pool_size: int | None = None
+) -> CaptionedImageSource:
+    """The distractor pool in either layout (module docstring), limited to its first `pool_size` images."""
+    folder = Path(pool).expanduser()
+    if not folder.is_dir():
+        raise DataError(
+            f"Pool folder {folder} (data.pool) does not exist. Pass the distractor image folder: the "
+            "released LAION subset (images/ + captions.txt) or a folder with metadata.jsonl/csv."
+        )
+    has_metadata = any((folder / name).is_file() for name in METADATA_NAMES)
+    if pool_metadata is None and not has_metadata and (folder / "captions.txt").is_file():
+        return CaptionsTxtPoolSource(folder, pool_size)
+    if pool_metadata is None and not has_metadata:
+        raise DataError(
+            f"Pool folder {folder} (data.pool) has neither captions.txt with images/ (the released LAION "
+            f"subset) nor {' or '.join(METADATA_NAMES)}; give one, or name the metadata file with "
+            "data.pool_metadata=<name>."
+        )
+    source: CaptionedImageSource = ImageFolderSource(
+        folder, pool_metadata, root_key="data.pool", metadata_key="data.pool_metadata"
+    )
+    return source if pool_size is None else FirstSource(source, int(pool_size))
 
 
 class PoolWithExemplarsSource(CaptionedImageSource):
@@ -117,6 +265,9 @@ class PoolWithExemplarsSource(CaptionedImageSource):
     def metadata(self, idx: int) -> dict[str, Any]:
         source, k = self._part(idx)
         return {**source.metadata(k), "exemplar": source is self.exemplars}
+
+    def content_key(self) -> str:
+        return f"{self.distractors.content_key()}+{self.exemplars.content_key()}"
 
 
 # ------------------------------------------------------------------------------------------ AbC layout
@@ -263,11 +414,13 @@ class AbcDataModule(CaptionedImageDataModule):
         pool_metadata: str | None = None,
         model_dir: str | None = None,
         train_prompt: str | None = None,
+        pool_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.root, self.test_case, self.index = root, test_case, int(index)
         self.pool, self.pool_metadata = pool, pool_metadata
+        self.pool_size = None if pool_size is None else int(pool_size)
         self.model_dir, self.train_prompt = model_dir, train_prompt
 
     @property
@@ -277,12 +430,13 @@ class AbcDataModule(CaptionedImageDataModule):
     def build_source(self) -> PoolWithExemplarsSource:
         if not self.pool:
             raise DataError(
-                "data=abc needs data.pool=<image folder>: the distractor images (metadata.jsonl/csv with "
-                "file_name and text), e.g. the LAION subset of the AbC release."
+                "data=abc needs data.pool=<folder>: the distractor images, e.g. the released LAION subset "
+                "(a folder with images/ and captions.txt) or a folder with metadata.jsonl/csv."
             )
         entry = self.entry
         exemplars = ExemplarSource(entry.exemplars, [entry.train_prompt])
-        return PoolWithExemplarsSource(ImageFolderSource(self.pool, self.pool_metadata), exemplars)
+        pool = build_pool_source(self.pool, self.pool_metadata, self.pool_size)
+        return PoolWithExemplarsSource(pool, exemplars)
 
     @property
     def exemplar_ids(self) -> list[int]:
@@ -305,10 +459,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--test-case", required=True)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--pool", required=True)
+    parser.add_argument(
+        "--pool-size", type=int, default=None, help=f"first N pool images (upstream: {UPSTREAM_POOL_SIZE})"
+    )
     parser.add_argument("--prompts", required=True, help="tasks JSON or {synth path: prompt} JSON")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    datamodule = AbcDataModule(args.root, args.test_case, args.index, pool=args.pool)
+    datamodule = AbcDataModule(
+        args.root, args.test_case, args.index, pool=args.pool, pool_size=args.pool_size
+    )
     print(datamodule.write_queries(args.prompts, args.out))
 
 

@@ -2,6 +2,11 @@
 
 Contract (DESIGN.md): an example's id is its position in the source's canonical order. Excluding ids
 never renumbers the others; score arrays and rankings always have one entry per id of the source.
+
+Every image reaches the model through `to_rgb`: 16-bit images are scaled to 8 bits (value / 257,
+rounded) rather than clipped, and transparent images (RGBA, LA, PA, P or L/RGB with a transparency
+key) are composited onto a white background (`ALPHA_BACKGROUND`), never onto whatever colour the
+transparent pixels happen to store.
 """
 
 from __future__ import annotations
@@ -21,6 +26,40 @@ from torch.utils.data import DataLoader, Dataset
 
 class DataError(ValueError):
     """Bad input data: the message names the file or id and says how to fix it."""
+
+
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 16-bit PNG/TIFF data in older Pillow
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any decoded PIL image -> 8-bit RGB, correctly for 16-bit and transparent images.
+
+    16-bit single-channel images (I;16*, and I holding 16-bit data) are scaled to 8 bits by value / 257,
+    rounded (PIL's own convert("RGB") clips them, turning every value above 255 white). Images with
+    an alpha channel or a transparency key are composited onto ALPHA_BACKGROUND (white).
+    """
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image.convert("RGB")  # a copy, as every other branch returns: callers may close `image`
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        key = image.info.get("transparency")
+        gray = np.clip(np.rint(np.clip(values, 0, 65535) / 257.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(gray, "L")
+        if isinstance(key, int):  # a 16-bit grey value that means "transparent"
+            alpha = np.where(values == key, 0, 255).astype(np.uint8)
+            image = Image.merge("LA", (image, Image.fromarray(alpha, "L")))
+        else:
+            return image.convert("RGB")
+    if _has_alpha(image):
+        rgba = image.convert("RGBA")  # P/L/RGB transparency keys become an alpha channel here
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 class CaptionedImageSource(ABC):
@@ -66,8 +105,8 @@ def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> float tensor [3, H, W] in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    """PIL image -> float tensor [3, H, W] in [-1, 1] (through `to_rgb`)."""
+    array = np.asarray(to_rgb(image), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -75,6 +114,50 @@ def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
     """Float tensor [3, H, W] in [-1, 1] -> PIL RGB."""
     array = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
     return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
+
+
+def _read_id_file(path: Path, source: str, what: str) -> list[Any]:
+    """The raw entries of an id file (.npy, .json, else text with one id per line); a file that cannot
+    be read as such is a DataError naming it and saying how to write a valid one."""
+    if path.suffix == ".npy":
+        fix = f"Rewrite it with numpy.save('{path}', numpy.asarray(ids, dtype=numpy.int64))."
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:  # truncated, corrupt, or pickled objects
+            raise DataError(
+                f"{source} is not a readable .npy integer array ({error}); it may be truncated or corrupt. "
+                + fix
+            ) from None
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "iu" or array.ndim > 1:
+            kind = (
+                type(array).__name__ if not isinstance(array, np.ndarray) else f"{array.dtype} {array.shape}"
+            )
+            raise DataError(
+                f"{source} holds a {kind} array; {what} needs a 1-D integer array of example ids. " + fix
+            )
+        return array.reshape(-1).tolist()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{source} is not a text file ({error}). Give ids one per line (.txt), as a JSON list "
+            "(.json) or as an integer array (.npy)."
+        ) from None
+    if path.suffix == ".json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{source} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}). "
+                "Write the ids as one JSON list, e.g. [3, 17, 42]."
+            ) from None
+        if not isinstance(raw, list):
+            raise DataError(
+                f"{source} holds a JSON {type(raw).__name__}, not a list. Write the ids as one JSON list, "
+                "e.g. [3, 17, 42]."
+            )
+        return raw
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def parse_id_list(spec: Any, num_examples: int, what: str = "data.exclude") -> np.ndarray:
@@ -101,12 +184,7 @@ def parse_id_list(spec: Any, num_examples: int, what: str = "data.exclude") -> n
                 f"{source} does not exist. Give a list of ids (e.g. {what}='[3,17]') or a file with "
                 "one integer id per line (.txt), a JSON list (.json) or an integer array (.npy)."
             )
-        if path.suffix == ".npy":
-            raw: Sequence[Any] = np.load(path, allow_pickle=False).tolist()
-        elif path.suffix == ".json":
-            raw = json.loads(path.read_text())
-        else:
-            raw = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        raw: Sequence[Any] = _read_id_file(path, source, what)
     else:
         raw = list(spec)
     ids = []
@@ -121,14 +199,16 @@ def parse_id_list(spec: Any, num_examples: int, what: str = "data.exclude") -> n
         except (TypeError, ValueError):
             raise DataError(
                 f"{source}: entry {position} is {value!r}, not an integer id. Ids are the examples' "
-                "positions in the data set's canonical order (0-based integers)."
+                "positions in the data set's canonical order (0-based integers), not file names or "
+                "data-set specific ids such as COCO image ids."
             ) from None
     ids_array = np.asarray(sorted(set(ids)), dtype=np.int64)
     bad = ids_array[(ids_array < 0) | (ids_array >= num_examples)]
     if len(bad):
         raise DataError(
             f"{source}: ids {bad[:10].tolist()} are out of range; this data set has {num_examples} "
-            f"examples, so valid ids are 0..{num_examples - 1}."
+            f"examples, so valid ids are 0..{num_examples - 1} (positions in its canonical order, not "
+            "data-set specific ids such as COCO image ids)."
         )
     return ids_array
 
@@ -173,7 +253,7 @@ class CaptionedImageDataset(Dataset):
                 f"Cannot read the image of example {idx} ({self.source.file_name(idx)}): {error}. "
                 "Replace or remove the file, or exclude the id with data.exclude."
             ) from error
-        image = center_crop_resize(image.convert("RGB"), self.resolution)
+        image = center_crop_resize(to_rgb(image), self.resolution)
         tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         if self.cache_images:
             self._cache[idx] = tensor

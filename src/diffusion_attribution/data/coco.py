@@ -4,8 +4,20 @@
                                                    "annotations": [{image_id, id, caption}]}
     <root>/train2017/<file_name>
 
-Canonical order is by COCO image id (after the optional subset filter), so ids do not depend on the
-order of the JSON file; an image's captions are its annotations sorted by annotation id.
+Canonical order (`data.order`):
+
+    coco_id (default)  images sorted by COCO image id, an image's captions sorted by annotation id: ids
+                       do not depend on how the JSON file happens to be ordered.
+    json               images in the order of the JSON's "images" list and captions in the order of its
+                       "annotations" list, as upstream code that iterates over the file does; use it to
+                       compare rankings and score arrays position by position with upstream arrays.
+
+Two kinds of id, never interchangeable:
+
+    data.subset_coco_ids  COCO image ids (the JSON's images[].id, e.g. 139) of the images to keep.
+    data.exclude          positions 0..N-1 in the canonical order of the kept images (as every data set).
+
+The old key `data.subset` is refused with a message naming `data.subset_coco_ids`.
 """
 
 from __future__ import annotations
@@ -22,15 +34,21 @@ from diffusion_attribution.data.base import CaptionedImageDataModule, CaptionedI
 from diffusion_attribution.data.folder import MAX_LISTED, check_files_exist, open_rgb
 
 DOWNLOAD_PAGE = "https://cocodataset.org/#download"
+ORDERS = ("coco_id", "json")
+SUBSET_KEY = "data.subset_coco_ids"
+ID_KINDS = (
+    f"{SUBSET_KEY} takes COCO image ids (the 'id' of the JSON's images, e.g. 139); data.exclude takes "
+    "positions 0..N-1 in the canonical order"
+)
 
 
 def read_coco_ids(spec: str | Path | Sequence[Any]) -> list[int]:
     """COCO image ids given inline or as a file (one id per line, or a JSON list)."""
-    where = "data.subset"
+    where = SUBSET_KEY
     raw: Sequence[Any]
     if isinstance(spec, (str, Path)):
         path = Path(spec).expanduser()
-        where = f"data.subset file {path}"
+        where = f"{SUBSET_KEY} file {path}"
         if not path.is_file():
             raise DataError(
                 f"{where} does not exist. Give a file of COCO image ids, one per line or a JSON list."
@@ -40,11 +58,14 @@ def read_coco_ids(spec: str | Path | Sequence[Any]) -> list[int]:
             try:
                 raw = json.loads(text)
             except json.JSONDecodeError as error:
-                raise DataError(f"{where} is not a valid JSON list ({error}).") from None
+                raise DataError(
+                    f"{where} is not a valid JSON list ({error}). Write the COCO image ids as one JSON list "
+                    "(e.g. [139, 285]) or one per line."
+                ) from None
         else:
             raw = [line.strip() for line in text.splitlines() if line.strip()]
     else:
-        raw = list(spec)  # inline, e.g. data.subset='[139,285]' (an OmegaConf ListConfig)
+        raw = list(spec)  # inline, e.g. data.subset_coco_ids='[139,285]' (an OmegaConf ListConfig)
     ids = []
     for position, value in enumerate(raw):
         try:
@@ -53,21 +74,31 @@ def read_coco_ids(spec: str | Path | Sequence[Any]) -> list[int]:
             ids.append(int(value))
         except (TypeError, ValueError):
             raise DataError(
-                f"{where}: entry {position} is {value!r}, not a COCO image id (e.g. 139)."
+                f"{where}: entry {position} is {value!r}, not a COCO image id (e.g. 139). {ID_KINDS}."
             ) from None
     if not ids:
-        raise DataError(f"{where} lists no image ids.")
+        raise DataError(f"{where} lists no image ids. Give the COCO image ids to keep, or null for all.")
     return ids
 
 
 class CocoCaptionsSource(CaptionedImageSource):
-    """COCO images (sorted by image id) with all their captions."""
+    """COCO images with all their captions, in the canonical order `order` (module docstring)."""
 
     def __init__(
-        self, root: str | Path, split: str = "train2017", subset: str | Sequence[Any] | None = None
+        self,
+        root: str | Path,
+        split: str = "train2017",
+        subset_coco_ids: str | Sequence[Any] | None = None,
+        order: str = "coco_id",
     ) -> None:
+        if order not in ORDERS:
+            raise DataError(
+                f"data.order={order!r} is not an order; use coco_id (images by COCO id, captions by "
+                "annotation id) or json (the annotation file's own order, as upstream)."
+            )
         self.root = Path(root).expanduser()
         self.split = split
+        self.order = order
         annotation_path = self.root / "annotations" / f"captions_{split}.json"
         image_dir = self.root / split
         if not self.root.is_dir():
@@ -89,11 +120,14 @@ class CocoCaptionsSource(CaptionedImageSource):
         try:
             data = json.loads(annotation_path.read_text())
             names = {int(image["id"]): str(image["file_name"]) for image in data["images"]}
+            json_order = list(dict.fromkeys(int(image["id"]) for image in data["images"]))
+            # (sort key, caption): the annotation id, or the annotation's position in the JSON
             by_image: dict[int, list[tuple[int, str]]] = defaultdict(list)
-            for ann in data["annotations"]:
+            for position, ann in enumerate(data["annotations"]):
                 caption = str(ann["caption"]).strip()
                 if caption:  # an empty caption is no caption
-                    by_image[int(ann["image_id"])].append((int(ann["id"]), caption))
+                    key = int(ann["id"]) if order == "coco_id" else position
+                    by_image[int(ann["image_id"])].append((key, caption))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise DataError(
                 f"{annotation_path} is not a COCO captions file ({type(error).__name__}: {error}); it must "
@@ -101,23 +135,25 @@ class CocoCaptionsSource(CaptionedImageSource):
                 f"captions_{split}.json from the COCO annotations archive."
             ) from error
 
-        if subset is None:
-            ids = sorted(names)
+        every = sorted(names) if order == "coco_id" else json_order
+        if subset_coco_ids is None:
+            ids = every
         else:
-            wanted = set(read_coco_ids(subset))
+            wanted = set(read_coco_ids(subset_coco_ids))
             unknown = sorted(wanted - names.keys())
             if unknown:
                 raise DataError(
-                    f"data.subset ({subset}) has {len(unknown)} image id(s) that are not in "
-                    f"{annotation_path}: {unknown[:MAX_LISTED]}. Subset ids are COCO image ids of the "
-                    f"{split} split; remove the others."
+                    f"{SUBSET_KEY} ({subset_coco_ids}) has {len(unknown)} id(s) that are not COCO image ids "
+                    f"in {annotation_path}: {unknown[:MAX_LISTED]}. {ID_KINDS}; remove the others (to "
+                    "leave out positions of the canonical order, use data.exclude)."
                 )
-            ids = sorted(wanted)
+            ids = [i for i in every if i in wanted]
         uncaptioned = [i for i in ids if not by_image.get(i)]
         if uncaptioned:
             raise DataError(
                 f"{len(uncaptioned)} image(s) have no caption in {annotation_path}, e.g. COCO ids "
-                f"{uncaptioned[:MAX_LISTED]}. Leave them out with data.subset=<file of the ids to keep>."
+                f"{uncaptioned[:MAX_LISTED]}. Leave them out with {SUBSET_KEY}=<file of the COCO image "
+                "ids to keep>."
             )
         self.coco_ids = ids
         self.file_names = [names[i] for i in ids]
@@ -142,15 +178,29 @@ class CocoCaptionsSource(CaptionedImageSource):
 
 
 class CocoDataModule(CaptionedImageDataModule):
-    """`data=coco`: COCO-2017 captions, optionally restricted to a subset of image ids."""
+    """`data=coco`: COCO-2017 captions, optionally restricted to some COCO image ids."""
 
     def __init__(
-        self, root: str, split: str = "train2017", subset: str | Sequence[Any] | None = None, **kwargs: Any
+        self,
+        root: str,
+        split: str = "train2017",
+        subset_coco_ids: str | Sequence[Any] | None = None,
+        order: str = "coco_id",
+        subset: Any = None,
+        **kwargs: Any,
     ) -> None:
+        if subset is not None:
+            raise DataError(
+                f"data.subset was renamed: give the COCO image ids to keep with {SUBSET_KEY}={subset} "
+                "(data.exclude, by contrast, takes positions 0..N-1 in the canonical order)."
+            )
+        if order not in ORDERS:
+            raise DataError(f"data.order={order!r} is not an order; use one of {list(ORDERS)}.")
         super().__init__(**kwargs)
         self.root = root
         self.split = split
-        self.subset = subset
+        self.subset_coco_ids = subset_coco_ids
+        self.order = order
 
     def build_source(self) -> CocoCaptionsSource:
-        return CocoCaptionsSource(self.root, self.split, self.subset)
+        return CocoCaptionsSource(self.root, self.split, self.subset_coco_ids, self.order)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from diffusion_attribution.data.base import CaptionedImageDataModule, CaptionedImageSource
+from diffusion_attribution.data.base import CaptionedImageDataModule, CaptionedImageSource, DataError
+
+log = logging.getLogger(__name__)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -200,12 +203,51 @@ def generate_world(config: ShapesWorldConfig) -> tuple[np.ndarray, list[dict[str
     return images, records
 
 
+def world_size(config: ShapesWorldConfig) -> int:
+    return config.num_common + len(config.rare_concepts) * config.images_per_rare_concept
+
+
+def cache_problem(root: Path, config: ShapesWorldConfig) -> str | None:
+    """Why the cached world at `root` cannot be used (truncated or corrupt images.npy or metadata.jsonl,
+    a size that is not the world's), or None when it is complete. Reads the array's header and size,
+    not its pixels."""
+    images_path, metadata_path = root / "images.npy", root / "metadata.jsonl"
+    count = world_size(config)
+    expected = (count, config.resolution, config.resolution, 3)
+    try:
+        images = np.load(images_path, mmap_mode="r", allow_pickle=False)  # checks the file's length
+    except (ValueError, OSError, EOFError) as error:
+        return f"{images_path} is truncated or corrupt ({error})"
+    if images.dtype != np.uint8 or images.shape != expected:
+        return f"{images_path} holds {images.dtype} {images.shape}, the world is uint8 {expected}"
+    del images
+    try:
+        lines = metadata_path.read_text(encoding="utf-8").splitlines()
+        for line in lines:
+            json.loads(line)
+    except (OSError, ValueError) as error:
+        return f"{metadata_path} is truncated or corrupt ({error})"
+    if len(lines) != count:
+        return f"{metadata_path} has {len(lines)} rows, the world has {count}"
+    return None
+
+
 def materialize_world(config: ShapesWorldConfig, cache_dir: str | Path) -> Path:
-    """Generate the world into `cache_dir/shapes-<fingerprint>/` once; later calls reuse it."""
+    """Generate the world into `cache_dir/shapes-<fingerprint>/` once; later calls reuse it. A cached
+    world that is truncated or corrupt is regenerated, with a warning naming the file."""
     root = Path(cache_dir) / f"shapes-{config.fingerprint()}"
     done = root / "metadata.jsonl"
     if done.is_file() and (root / "images.npy").is_file():
-        return root
+        problem = cache_problem(root, config)
+        if problem is None:
+            return root
+        log.warning("The cached shapes world is unusable: %s. Regenerating %s.", problem, root)
+        broken = root.with_name(f".{root.name}.{os.getpid()}.broken")
+        try:
+            os.rename(root, broken)  # aside first: a concurrent job never sees a half-deleted cache
+        except OSError:
+            pass  # another job moved it already
+        shutil.rmtree(broken, ignore_errors=True)
     # Written into a private folder and renamed into place: concurrent jobs (a multirun, a SLURM
     # array) that find the cache cold never read a half-written one.
     tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
@@ -223,7 +265,7 @@ def materialize_world(config: ShapesWorldConfig, cache_dir: str | Path) -> Path:
     try:
         os.rename(tmp, root)
     except OSError:  # another job finished first (or a stale partial folder): keep the complete one
-        if not (done.is_file() and (root / "images.npy").is_file()):
+        if not (done.is_file() and (root / "images.npy").is_file()) or cache_problem(root, config):
             shutil.rmtree(root, ignore_errors=True)
             os.rename(tmp, root)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -235,8 +277,26 @@ class ShapesSource(CaptionedImageSource):
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.images = np.load(self.root / "images.npy", allow_pickle=False)
-        self.records = [json.loads(line) for line in (self.root / "metadata.jsonl").read_text().splitlines()]
+        fix = (
+            f"Delete the folder {self.root} and run again: data=shapes regenerates the world from its seed "
+            f"(into data.cache_dir)."
+        )
+        try:
+            self.images = np.load(self.root / "images.npy", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise DataError(
+                f"Cannot read {self.root / 'images.npy'} ({error}): truncated or corrupt. {fix}"
+            ) from None
+        try:
+            lines = (self.root / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+            self.records = [json.loads(line) for line in lines]
+        except (OSError, ValueError) as error:
+            raise DataError(f"Cannot read {self.root / 'metadata.jsonl'} ({error}). {fix}") from None
+        if len(self.images) != len(self.records):
+            raise DataError(
+                f"{self.root / 'images.npy'} holds {len(self.images)} images but "
+                f"{self.root / 'metadata.jsonl'} {len(self.records)} rows. {fix}"
+            )
 
     def __len__(self) -> int:
         return len(self.records)

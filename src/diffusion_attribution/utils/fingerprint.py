@@ -34,7 +34,9 @@ def model_fingerprint(model: Any) -> str:
 
 def data_fingerprint(datamodule: Any) -> str:
     """The data as a model sees it: every example's file name and captions, the resolution, and the
-    source's content key (the pixels, where names and captions do not decide them)."""
+    source's content key (the pixels, where names and captions do not decide them: image folders and
+    the AbC pool hash their files' bytes, data/folder.py `content_key_of_files`, so an image edited in
+    place under the same name gives another fingerprint; the shapes world is keyed by its config)."""
     source = datamodule.source
     digest = hashlib.sha1(f"{type(source).__name__}:{len(source)}:{datamodule.resolution}".encode())
     digest.update(source.content_key().encode())
