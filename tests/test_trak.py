@@ -24,29 +24,29 @@ from test_attribute_job import (  # noqa: F401  (pytest fixtures)
     write_training_images,
 )
 
-from diffusion_attribution.attribution import trak as trak_module
 from diffusion_attribution.attribution.base import AttributionContext
 from diffusion_attribution.attribution.queries import Query, QueryError
-from diffusion_attribution.attribution.trak import (
-    TRAK_QUERY_STREAM,
+from diffusion_attribution.attribution.trak import attributor as trak_module
+from diffusion_attribution.attribution.trak.attributor import (
     DTRAKAttributor,
     JourneyTRAKAttributor,
-    TrainSideMismatchError,
     TRAKAttributor,
+)
+from diffusion_attribution.attribution.trak.kernel import (
     example_gram_factor,
     gram_factor,
     kernel_solve,
     woodbury_solve,
 )
+from diffusion_attribution.attribution.trak.store import TrainSideMismatchError
 from diffusion_attribution.autograd.output_gradients import per_sample_output_gradients
 from diffusion_attribution.autograd.projection import BlockwiseProjection, ProjectionError
 from diffusion_attribution.data.shapes import ShapesDataModule
 from diffusion_attribution.jobs.attribute import run_attribution
 from diffusion_attribution.models.sampling import generate, sampler_timesteps
 from diffusion_attribution.models.weight_subsets import select_parameters
-from diffusion_attribution.objective.draws import TRAK_STREAM
-from diffusion_attribution.objective.loss import squared_error
-from diffusion_attribution.utils.seeding import keyed_randn
+from diffusion_attribution.objective.loss import per_example_loss
+from diffusion_attribution.utils.seeding import Stream, keyed_randn
 
 SINGLE = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 EXCLUDED = [3, 9, 14]
@@ -103,7 +103,7 @@ def prepared(cls, world, root: Path, **overrides):
 def output_function(model, noisy, t, caption, target, output: str) -> torch.Tensor:
     prediction = model.predict(noisy[None], torch.tensor([t]), model.encode_text([caption]))
     if output == "loss":
-        return squared_error(prediction, target[None])[0]
+        return per_example_loss(prediction, target[None])[0]
     return prediction.pow(2).mean()
 
 
@@ -125,7 +125,7 @@ def brute_force_scores(model, data, query, output: str, dim: int) -> np.ndarray:
             x0 = dataset.example(i, 0, flip)["pixel_values"]
             for c, caption in enumerate(captions):
                 for t in timesteps:
-                    noise = keyed_randn(model.latent_shape, 0, TRAK_STREAM, i, c, t, int(flip))
+                    noise = keyed_randn(model.latent_shape, 0, Stream.TRAK, i, c, t, int(flip))
                     tt = torch.tensor([t])
                     noisy = model.add_noise(x0[None], noise[None], tt)[0]
                     target = model.target(x0[None], noise[None], tt)[0]
@@ -137,7 +137,7 @@ def brute_force_scores(model, data, query, output: str, dim: int) -> np.ndarray:
     gradients = torch.stack(rows)
     q_total = 0
     for t in timesteps:
-        noise = keyed_randn(model.latent_shape, 0, TRAK_QUERY_STREAM, t)
+        noise = keyed_randn(model.latent_shape, 0, Stream.TRAK_QUERY, t)
         tt = torch.tensor([t])
         noisy = model.add_noise(query.latent[None], noise[None], tt)[0]
         target = model.target(query.latent[None], noise[None], tt)[0]

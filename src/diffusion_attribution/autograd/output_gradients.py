@@ -10,7 +10,7 @@ Per-sample gradients are exact: Linear-only subsets (the default cross-attention
 forward + backward with hooks (`linear_per_sample_grads`); other subsets `torch.func.vmap(grad(f))`,
 falling back to the same function one example at a time where vmap fails.
 
-Training examples are differentiated at fixed timesteps with noise keyed by (seed, TRAK_STREAM, id,
+Training examples are differentiated at fixed timesteps with noise keyed by (seed, Stream.TRAK, id,
 caption index, timestep, flip), so a gradient does not depend on batch size, order or sharding (up to
 the last bits of float32 convolutions, which round differently in different batch shapes).
 """
@@ -27,10 +27,9 @@ from diffusion_attribution.autograd.linear_grads import linear_owners, linear_pe
 from diffusion_attribution.autograd.per_sample import split_parameters, vmap_friendly_attention
 from diffusion_attribution.data.base import CaptionedImageDataset
 from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.objective.draws import TRAK_STREAM
-from diffusion_attribution.objective.loss import encode_captions
+from diffusion_attribution.objective.loss import encode_captions, noisy_inputs
 from diffusion_attribution.objective.outputs import check_output, output_values
-from diffusion_attribution.utils.seeding import keyed_randn
+from diffusion_attribution.utils.seeding import Stream, keyed_randn
 
 GRADIENT_METHODS = ("auto", "linear", "vmap", "loop")
 
@@ -118,7 +117,7 @@ def training_gradient_means(
     `caption_indices` × flips: {name: [len(ids), *shape]} float64 on the model's device.
 
     The noise of (id, caption index c, timestep t, flip f) is keyed_randn(latent shape, seed,
-    TRAK_STREAM, id, c, t, f). A caption index an example does not have is skipped (the mean is over
+    Stream.TRAK, id, c, t, f). A caption index an example does not have is skipped (the mean is over
     the captions it has). `batch_size` (id, caption, flip, timestep) combinations run per backward.
     Memory: len(ids) × (number of selected weights) float64 for the sums.
     """
@@ -163,14 +162,13 @@ def training_gradient_means(
         latents = encoded[[images[(row, flip)] for row, _, flip, _ in chunk]]
         noise = torch.stack(
             [
-                keyed_randn(model.latent_shape, seed, TRAK_STREAM, ids[row], caption, step, int(flip))
+                keyed_randn(model.latent_shape, seed, Stream.TRAK, ids[row], caption, step, int(flip))
                 for row, caption, flip, step in chunk
             ]
         ).to(device, latents.dtype)
         t = torch.tensor([step for *_, step in chunk], dtype=torch.long, device=device)
         with torch.no_grad():
-            noisy = model.add_noise(latents, noise, t)
-            target = model.target(latents, noise, t)
+            noisy, target = noisy_inputs(model, latents, noise, t)
             text_states = encode_captions(model, [captions_of[ids[row]][c] for row, c, _, _ in chunk])
         grads = per_sample_output_gradients(
             model.unet, params, noisy, t, text_states, output, target, method=method

@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from diffusion_attribution.objective.loss import squared_error
+from diffusion_attribution.objective.loss import per_example_loss
 
 
 @contextmanager
@@ -84,7 +84,7 @@ def per_sample_gradients(
         out = functional_call(
             unet, {**frozen, **theta}, (noisy[None], timestep[None]), {"encoder_hidden_states": text[None]}
         ).sample
-        return squared_error(out, target[None])[0]
+        return per_example_loss(out, target[None])[0]
 
     with torch.no_grad():  # grad() ignores it inside; it stops autograd tracking outside
         if method == "vmap":

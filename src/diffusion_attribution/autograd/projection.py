@@ -21,10 +21,9 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from diffusion_attribution.utils.seeding import seed_from_keys
+from diffusion_attribution.utils.seeding import Stream, seed_from_keys
 
 # Separates the projection's random stream from every other keyed stream.
-PROJECTION_STREAM = 3_904_227
 PROJECTION_KINDS = ("gaussian", "rademacher")
 
 
@@ -110,7 +109,7 @@ class BlockwiseProjection:
         if rows <= 0:
             raise IndexError(f"Parameter {name} has no block {index}.")
         generator = torch.Generator(self.device)
-        generator.manual_seed(seed_from_keys(self.seed, PROJECTION_STREAM, name_key(name), index))
+        generator.manual_seed(seed_from_keys(self.seed, Stream.PROJECTION, name_key(name), index))
         if self.kind == "gaussian":
             values = torch.randn((rows, self.dim), generator=generator, device=self.device)
         else:

@@ -12,9 +12,7 @@ from diffusion_attribution.data.base import (
     CaptionedImageDataset,
 )
 from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.utils.seeding import keyed_generator
-
-ENCODE_STREAM = 3_301_977  # separates the exemplar-encoding noise from every other keyed stream
+from diffusion_attribution.utils.seeding import Stream, keyed_generator
 
 
 @torch.no_grad()
@@ -35,7 +33,7 @@ def encode_exemplar_latents(
             rows.append(model.encode_images(pixels).cpu())
             continue
         posterior = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=keyed_generator(sample_seed, ENCODE_STREAM, i))
+        noise = torch.randn(posterior.mean.shape, generator=keyed_generator(sample_seed, Stream.ENCODE, i))
         rows.append(
             ((posterior.mean + posterior.std * noise.to(posterior.mean.device)) * model.latent_scale).cpu()
         )

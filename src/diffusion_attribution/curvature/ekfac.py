@@ -44,7 +44,7 @@ from diffusion_attribution.data.base import CaptionedImageDataset
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.weight_subsets import select_parameters
 from diffusion_attribution.objective.batches import training_loss_batches
-from diffusion_attribution.objective.loss import evaluation_mode, squared_error
+from diffusion_attribution.objective.loss import evaluation_mode, per_example_loss
 from diffusion_attribution.utils.atomic import atomic_save_tensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def _selection(
 def _training_loss(
     model: TextToImageModel, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, target: torch.Tensor
 ) -> torch.Tensor:
-    return squared_error(model.predict(noisy, t, text), target)
+    return per_example_loss(model.predict(noisy, t, text), target)
 
 
 def _captured_batches(

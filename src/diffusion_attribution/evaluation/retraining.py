@@ -43,7 +43,7 @@ from diffusion_attribution.models.pipeline import CONFIG_FILE
 from diffusion_attribution.training.fit import train_model
 from diffusion_attribution.utils.atomic import atomic_write_text
 from diffusion_attribution.utils.fingerprint import hash_json
-from diffusion_attribution.utils.seeding import keyed_generator
+from diffusion_attribution.utils.seeding import Stream, keyed_generator
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ NOT_RECIPE = {
     "training": {"resume", "checkpoint_every_n_steps", "keep_checkpoints", "log_every_n_steps"},
     "trainer": {"enable_progress_bar", "log_every_n_steps"},
 }
-RANDOM_SUBSET_STREAM = 211  # key prefix of random exclusion sets (leave-K-out baseline, LDS subsets)
 
 
 class RetrainError(ValueError):
@@ -110,7 +109,7 @@ def random_exclusion(num_examples: int, size: int, seed: int, *keys: int) -> np.
     so one random set serves every query (the leave-K-out baseline) or every method (LDS)."""
     if not 0 < size <= num_examples:
         raise RetrainError(f"Cannot draw {size} of {num_examples} training examples at random.")
-    generator = keyed_generator(seed, RANDOM_SUBSET_STREAM, *keys)
+    generator = keyed_generator(seed, Stream.RANDOM_SUBSET, *keys)
     return np.sort(torch.randperm(num_examples, generator=generator)[:size].numpy())
 
 

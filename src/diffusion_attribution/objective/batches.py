@@ -9,7 +9,7 @@ import torch
 from diffusion_attribution.data.base import CaptionedImageDataset
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.objective.draws import fisher_draw
-from diffusion_attribution.objective.loss import encode_captions
+from diffusion_attribution.objective.loss import encode_captions, noisy_inputs
 
 
 def training_loss_batches(
@@ -42,7 +42,6 @@ def training_loss_batches(
         noise_t = torch.stack(noise).to(device, latents.dtype)
         t = torch.tensor(timesteps, dtype=torch.long, device=device)
         with torch.no_grad():
-            noisy = model.add_noise(latents, noise_t, t)
-            target = model.target(latents, noise_t, t)
+            noisy, target = noisy_inputs(model, latents, noise_t, t)
             text_states = encode_captions(model, captions)
         yield chunk, noisy, t, text_states, target

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusion_attribution.utils.seeding import keyed_generator
+from diffusion_attribution.utils.seeding import Stream, keyed_generator
 
 # Separates the Fisher's random stream from every other keyed stream (loss sweep, query samples).
-FISHER_STREAM = 7_146_081
 
 
 @dataclass(frozen=True)
@@ -34,15 +33,12 @@ def fisher_draw(
 ) -> FisherDraw:
     """Timestep (uniform, as in training), caption, flip coin and noise, all keyed by what they are
     for. The coin is always drawn so the other draws do not depend on whether flips are used."""
-    generator = keyed_generator(seed, FISHER_STREAM, example_id, sample_index)
+    generator = keyed_generator(seed, Stream.FISHER, example_id, sample_index)
     timestep = int(torch.randint(num_timesteps, (), generator=generator))
     caption_index = int(torch.randint(num_captions, (), generator=generator))
     coin = float(torch.rand((), generator=generator))
     noise = torch.randn(tuple(latent_shape), generator=generator)
     return FisherDraw(timestep, caption_index, bool(random_flip and coin < 0.5), noise)
-
-
-QUERY_STREAM = 5_162_017
 
 
 def query_draws(
@@ -61,7 +57,7 @@ def query_draws(
     """
     timesteps, noise = [], []
     for index in range(num_samples):
-        generator = keyed_generator(seed, QUERY_STREAM, step, index)
+        generator = keyed_generator(seed, Stream.QUERY, step, index)
         u = float(torch.rand((), generator=generator))
         position = (index + u) / num_samples if stratified else u
         timesteps.append(min(int(position * num_timesteps), num_timesteps - 1))
@@ -70,4 +66,3 @@ def query_draws(
 
 
 # Separates the noise of these gradients from every other keyed stream (loss sweep, Fisher, queries).
-TRAK_STREAM = 8_230_561

@@ -1,4 +1,14 @@
-"""TODO docstring (diffusion_attribution.curvature.diagonal)."""
+"""The diffusion objective, defined once: every per-example loss of the project (training, the Fisher and
+EK-FAC, the loss sweeps, unlearning, TRAK's output functions, leave-K-out's ΔL) is `diffusion_loss` or
+`per_example_loss` of this module.
+
+    x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε                   (`noisy_inputs`: the noisy input and the UNet's target,
+    target = ε (epsilon) or v (v-prediction)        as the model's scheduler defines them)
+    L = w_t · mean over channels and pixels of (UNet(x_t, c, t) − target)²  [· mask]
+
+The random draws (ε, t) are the caller's: keyed draws (objective/draws.py) for every per-example
+quantity, the global stream only in plain training.
+"""
 
 from __future__ import annotations
 
@@ -25,16 +35,45 @@ def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
             sub.train(mode)
 
 
-def squared_error(
-    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+def noisy_inputs(
+    model: TextToImageModel, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, target): the UNet's input at `timesteps` for clean inputs x0 and `noise`, and what it is
+    trained to output there (the noise, or the velocity for a v-prediction model)."""
+    return model.add_noise(x0, noise, timesteps), model.target(x0, noise, timesteps)
+
+
+def per_example_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-example mean squared error [B] over channels and pixels (over the masked pixels only,
-    weighted by the mask, when a [1, H, W] mask is given)."""
+    """Per-example mean squared error [B] over channels and pixels (float32): over the masked pixels
+    only, weighted by the mask, when a [1, H, W] mask is given; times per-example `weights` [B] (e.g.
+    Min-SNR) when given."""
     error = (prediction.float() - target.float()).pow(2)
     if mask is None:
-        return error.flatten(1).mean(1)
-    weights = mask.to(error.dtype)
-    return (error * weights).flatten(1).sum(1) / (weights.sum() * error.shape[1])
+        loss = error.flatten(1).mean(1)
+    else:
+        mask_weights = mask.to(error.dtype)
+        loss = (error * mask_weights).flatten(1).sum(1) / (mask_weights.sum() * error.shape[1])
+    return loss if weights is None else weights * loss
+
+
+def diffusion_loss(
+    model: TextToImageModel,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    text_states: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The per-example diffusion loss [B] of clean inputs x0 (latents, or pixels for a pixel model)
+    under `noise` at `timesteps`, conditioned on `text_states`."""
+    noisy, target = noisy_inputs(model, x0, noise, timesteps)
+    return per_example_loss(model.predict(noisy, timesteps, text_states), target, mask, weights)
 
 
 def encode_captions(model: TextToImageModel, captions: Sequence[str]) -> torch.Tensor:
@@ -90,3 +129,6 @@ def mask_to_latent(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Ten
         raise ValueError(f"mask_to_latent takes a 2-D mask [H, W]; got shape {tuple(mask.shape)}.")
     size = (size, size) if isinstance(size, int) else tuple(size)
     return F.interpolate(mask[None, None], size=size, mode="area")[0, 0]
+
+
+squared_error = per_example_loss  # TEMPORARY: evaluation/leave_k_out.py's name, until it takes diffusion_loss

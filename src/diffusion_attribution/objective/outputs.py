@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_attribution.objective.loss import squared_error
+from diffusion_attribution.objective.loss import per_example_loss
 
 OUTPUT_FUNCTIONS = {
     "loss": "the training loss, mean squared error of the model output against its target (TRAK)",
@@ -29,7 +29,7 @@ def output_values(
     if output == "loss":
         if target is None:
             raise ValueError("The loss output function needs the target.")
-        return squared_error(prediction, target, mask)
+        return per_example_loss(prediction, target, mask)
     if output == "output_norm":
-        return squared_error(prediction, torch.zeros_like(prediction), mask)
+        return per_example_loss(prediction, torch.zeros_like(prediction), mask)
     return check_output(output)  # raises

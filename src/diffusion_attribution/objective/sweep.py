@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from diffusion_attribution.compute.sharded import run_sharded
 from diffusion_attribution.data.base import CaptionedImageDataset
 from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.objective.loss import encode_captions, evaluation_mode, squared_error
+from diffusion_attribution.objective.loss import diffusion_loss, encode_captions, evaluation_mode
 from diffusion_attribution.utils.seeding import keyed_randn
 
 
@@ -106,8 +106,7 @@ def per_sample_losses(
             t = torch.tensor([steps[tpos] for *_, tpos in chunk], dtype=torch.long, device=device)
             captions = [dataset.source.captions(ids[row])[slots[slot]] for row, slot, _, _ in chunk]
             text_states = encode_captions(model, captions)
-            prediction = model.predict(model.add_noise(latents, noise, t), t, text_states)
-            values = squared_error(prediction, model.target(latents, noise, t)).double().cpu()
+            values = diffusion_loss(model, latents, noise, t, text_states).double().cpu()
             index = torch.tensor(chunk, dtype=torch.long).T
             losses[index[0], index[1], index[2], index[3]] = values
     return losses.mean(dim=-1).to(torch.float32)

@@ -1,4 +1,7 @@
-"""TODO docstring (diffusion_attribution.models.customization)."""
+"""Custom Diffusion training (Kumari et al., CVPR 2023), the customization behind the AbC benchmark:
+the new tokens' embedding rows and a UNet weight subset train on a handful of exemplars (optionally
+with regularisation images in every batch); every other weight stays bit-identical. The weights'
+formats (the delta file, the released AbC files) are in models/customization.py."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from diffusion_attribution.models.customization import (
 )
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.weight_subsets import select_parameters
-from diffusion_attribution.objective.loss import min_snr_weights
+from diffusion_attribution.objective.loss import diffusion_loss, min_snr_weights
 from diffusion_attribution.training.module import warmup_cosine
 from diffusion_attribution.utils.fingerprint import model_fingerprint
 
@@ -35,14 +38,8 @@ def noise_prediction_loss(
     timesteps = torch.randint(
         0, model.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
     )
-    prediction = model.predict(
-        model.add_noise(latents, noise, timesteps), timesteps, model.encode_text(captions)
-    )
-    target = model.target(latents, noise, timesteps)
-    per_example = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-    if min_snr_gamma is None:
-        return per_example
-    return min_snr_weights(model, timesteps, min_snr_gamma) * per_example
+    weights = None if min_snr_gamma is None else min_snr_weights(model, timesteps, min_snr_gamma)
+    return diffusion_loss(model, latents, noise, timesteps, model.encode_text(captions), weights=weights)
 
 
 class CustomDiffusionModule(pl.LightningModule):

@@ -35,15 +35,16 @@ from diffusion_attribution.data.base import (
     collate_examples,
 )
 from diffusion_attribution.training.module import DiffusionTrainingModule
-from diffusion_attribution.utils.seeding import keyed_generator
+from diffusion_attribution.utils.seeding import Stream, keyed_generator
 
 # Key prefixes: the data order, an example's loading draws and its loss draws never share a stream.
-ORDER_STREAM, EXAMPLE_STREAM, LOSS_STREAM = 101, 102, 103
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int, kept: np.ndarray) -> np.ndarray:
     """Epoch `epoch`'s visiting order of the kept ids: a keyed permutation of every id, filtered."""
-    permutation = torch.randperm(num_examples, generator=keyed_generator(seed, ORDER_STREAM, epoch)).numpy()
+    permutation = torch.randperm(
+        num_examples, generator=keyed_generator(seed, Stream.TRAINING_ORDER, epoch)
+    ).numpy()
     keep = np.zeros(num_examples, dtype=bool)
     keep[kept] = True
     return permutation[keep[permutation]]
@@ -61,7 +62,7 @@ class KeyedExamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, idx = key
-        generator = keyed_generator(self.seed, EXAMPLE_STREAM, epoch, idx)
+        generator = keyed_generator(self.seed, Stream.TRAINING_EXAMPLE, epoch, idx)
         num_captions = len(self.dataset.source.captions(idx))
         caption_index = int(torch.randint(num_captions, (), generator=generator))
         flip = bool(torch.rand((), generator=generator) < 0.5) and self.dataset.random_flip
@@ -164,7 +165,7 @@ class ExampleKeyedTrainingModule(DiffusionTrainingModule):
         for epoch, idx, caption in zip(
             batch["epoch"].tolist(), batch["id"].tolist(), batch["caption"], strict=True
         ):
-            generator = keyed_generator(self.seed, LOSS_STREAM, epoch, idx)
+            generator = keyed_generator(self.seed, Stream.TRAINING_LOSS, epoch, idx)
             noises.append(torch.randn(tuple(latents.shape[1:]), generator=generator))
             timesteps.append(int(torch.randint(num_timesteps, (), generator=generator)))
             dropped = bool(torch.rand((), generator=generator) < self.caption_dropout)

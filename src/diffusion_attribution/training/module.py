@@ -14,7 +14,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.objective.loss import min_snr_weights
+from diffusion_attribution.objective.loss import diffusion_loss, min_snr_weights
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
@@ -93,13 +93,12 @@ class DiffusionTrainingModule(pl.LightningModule):
         model = self.model
         latents = model.encode_images(batch["pixel_values"])
         noise, timesteps, captions = self.training_randomness(batch, latents)
-        text_states = model.encode_text(captions)
-        pred = model.predict(model.add_noise(latents, noise, timesteps), timesteps, text_states)
-        target = model.target(latents, noise, timesteps)
-        if self.min_snr_gamma is None:
-            return nn.functional.mse_loss(pred.float(), target.float())
-        per_example = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-        return (min_snr_weights(model, timesteps, self.min_snr_gamma) * per_example).mean()
+        weights = (
+            None if self.min_snr_gamma is None else min_snr_weights(model, timesteps, self.min_snr_gamma)
+        )
+        return diffusion_loss(
+            model, latents, noise, timesteps, model.encode_text(captions), weights=weights
+        ).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)

@@ -8,8 +8,27 @@ not depend on batch size, batch order, device count or sharding.
 from __future__ import annotations
 
 import hashlib
+from enum import IntEnum
 
 import torch
+
+
+class Stream(IntEnum):
+    """The registry of keyed random streams: the first key after the seed, so that no two kinds of draw
+    ever share numbers. A new kind of draw takes a new member here (values are part of every cached
+    result: never change one). The loss sweep's noise has no prefix (its keys are the example's own)."""
+
+    TRAINING_ORDER = 101  # the data order of a keyed training epoch (training/keyed.py)
+    TRAINING_EXAMPLE = 102  # an example's caption and flip in a keyed training epoch
+    TRAINING_LOSS = 103  # an example's noise, timestep and caption dropout in a keyed training epoch
+    RANDOM_SUBSET = 211  # random exclusion sets (leave-K-out baseline, LDS subsets)
+    QUERY_NOISE = 301  # the fixed noise of a query's ΔL in leave-K-out
+    ENCODE = 3_301_977  # VAE posterior samples of encoded examples (compute/inputs.py)
+    PROJECTION = 3_904_227  # the blocks of TRAK's random projection
+    QUERY = 5_162_017  # the (timestep, noise) samples of an unlearned query's loss
+    TRAK_QUERY = 6_517_203  # a TRAK query's noise at the train-side timesteps
+    FISHER = 7_146_081  # a training example's draws for the Fisher and EK-FAC
+    TRAK = 8_230_561  # a training example's noise for TRAK-style gradients
 
 
 def seed_from_keys(*keys: int) -> int:

@@ -41,7 +41,13 @@ from diffusion_attribution.curvature.base import Curvature
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.weight_subsets import select_parameters
 from diffusion_attribution.objective.draws import query_draws
-from diffusion_attribution.objective.loss import encode_captions, evaluation_mode, prepare_mask, squared_error
+from diffusion_attribution.objective.loss import (
+    encode_captions,
+    evaluation_mode,
+    noisy_inputs,
+    per_example_loss,
+    prepare_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,8 @@ def _query_chunks(
         x0 = latents[None].expand(len(t), *latents.shape)
         text = states[torch.arange(begin, begin + len(t)) % len(captions)]
         with torch.no_grad():
-            yield model.add_noise(x0, eps, t), t, text, model.target(x0, eps, t)
+            noisy, target = noisy_inputs(model, x0, eps, t)
+            yield noisy, t, text, target
 
 
 def query_loss(
@@ -117,7 +124,7 @@ def query_loss(
         for noisy, t, text, target in _query_chunks(
             model, latents, _captions(captions), num_samples, seed, step, chunk_size, stratified
         ):
-            total += float(squared_error(model.predict(noisy, t, text), target, weights).double().sum())
+            total += float(per_example_loss(model.predict(noisy, t, text), target, weights).double().sum())
     return total / num_samples
 
 
@@ -144,7 +151,7 @@ def query_loss_gradient(
 
     def chunk_loss(theta: dict[str, torch.Tensor], noisy, t, text, target) -> torch.Tensor:
         out = functional_call(model.unet, {**frozen, **theta}, (noisy, t), {"encoder_hidden_states": text})
-        return squared_error(out.sample, target, weights).sum() / num_samples
+        return per_example_loss(out.sample, target, weights).sum() / num_samples
 
     gradient = {name: torch.zeros_like(value, dtype=torch.float32) for name, value in theta.items()}
     loss = 0.0

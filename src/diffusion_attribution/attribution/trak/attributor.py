@@ -3,7 +3,7 @@ D-TRAK, Zheng et al. 2024; JourneyTRAK, Georgiev et al. 2023).
 
 Each example's feature φ(z) = P ∇θ f(z; θ): the gradient of an output function f w.r.t. a weight
 subset, averaged over fixed timesteps (and captions, flips), randomly projected to k dimensions (P:
-modules/projection.py, generated blockwise from the seed). With Φ the [N_train, k] features of the
+autograd/projection.py, generated blockwise from the seed). With Φ the [N_train, k] features of the
 model's training examples,
 
     score(q, z) = φ(q)ᵀ (ΦᵀΦ + λI)⁻¹ φ(z)      (higher = more influential)
@@ -19,7 +19,7 @@ model's training examples,
 prepare: Φ for every example of the source (excluded ids too, so that every column is scored) is
 computed once per (model, data, train-side settings) as a sharded, resumable, DDP-split run
 (`run_sharded`); each shard's Φ rows are a float32 .npy file written atomically beside the shard
-marker, read back memory-mapped one shard at a time (never all of Φ in memory). The kernel is over
+marker (store.py), read back memory-mapped one shard at a time (never all of Φ in memory). The kernel (kernel.py) is over
 the model's TRAINING ids (`datamodule.train_ids`); its Cholesky factor is cached beside Φ, keyed by λ
 and the ids, in the smaller of two forms that give the same scores: ΦᵀΦ + λI (k x k, paper scale) or,
 when k exceeds the number of training examples, ΦΦᵀ + λI (N x N, solved with the Woodbury identity).
@@ -27,12 +27,10 @@ when k exceeds the number of training examples, ΦΦᵀ + λI (N x N, solved wit
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +38,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from diffusion_attribution.attribution.base import AttributionContext, Attributor, disk_bytes
+from diffusion_attribution.attribution.base import AttributionContext, Attributor
 from diffusion_attribution.attribution.queries import Query, QueryError
+from diffusion_attribution.attribution.trak.kernel import (
+    example_gram_factor,
+    gram_factor,
+    kernel_solve,
+    woodbury_solve,
+)
+from diffusion_attribution.attribution.trak.store import FeatureStore
 from diffusion_attribution.autograd.output_gradients import (
     GRADIENT_METHODS,
     point_gradient_means,
@@ -59,83 +64,16 @@ from diffusion_attribution.models.weight_subsets import (
     describe_subsets,
     select_parameters,
 )
-from diffusion_attribution.objective.loss import evaluation_mode, mask_to_latent
+from diffusion_attribution.objective.loss import evaluation_mode, mask_to_latent, noisy_inputs
 from diffusion_attribution.utils.atomic import atomic_save_tensors
 from diffusion_attribution.utils.fingerprint import data_fingerprint, hash_json, model_fingerprint
-from diffusion_attribution.utils.seeding import keyed_randn
+from diffusion_attribution.utils.seeding import Stream, keyed_randn
 
 log = logging.getLogger(__name__)
 
+
 # The query's noise stream (its points at the train-side timesteps), apart from every other stream.
-TRAK_QUERY_STREAM = 6_517_203
 PROJECTION_DEVICES = ("cpu", "cuda")
-
-
-class TrainSideMismatchError(ValueError):
-    """A train-side store on disk that was made for another model, data or setting."""
-
-
-# ------------------------------------------------------------------------------------- kernel
-def gram_factor(features: Iterable[torch.Tensor], dim: int, damping: float) -> torch.Tensor:
-    """Lower Cholesky factor L (float64) of ΦᵀΦ + λI, Φ given as row blocks [n_i, dim]."""
-    if damping <= 0:
-        raise ValueError(f"damping (λ) must be positive, got {damping}: ΦᵀΦ alone is singular when k > N.")
-    gram: torch.Tensor | None = None
-    for block in features:
-        block = block.to(torch.float64)
-        part = block.T @ block
-        gram = part if gram is None else gram + part
-    if gram is None:
-        raise ValueError("No training features for the kernel: the model's training set is empty.")
-    gram.diagonal().add_(float(damping))
-    factor, info = torch.linalg.cholesky_ex(gram)
-    if int(info) != 0:
-        raise FloatingPointError(
-            f"ΦᵀΦ + λI is not positive definite (Cholesky failed at column {int(info)}; λ = {damping}): the "
-            "features contain NaN/inf or λ is too small for float64. Raise method.damping."
-        )
-    return factor
-
-
-def kernel_solve(factor: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """(ΦᵀΦ + λI)⁻¹ v for each row v of `vectors` [Q, k], given the Cholesky factor: [Q, k]."""
-    return torch.cholesky_solve(vectors.to(factor.dtype).T, factor).T
-
-
-def example_gram_factor(features: torch.Tensor, damping: float) -> torch.Tensor:
-    """Lower Cholesky factor (float64) of ΦΦᵀ + λI for Φ [N, k]: the N x N form, smaller when N < k."""
-    if damping <= 0:
-        raise ValueError(f"damping (λ) must be positive, got {damping}.")
-    phi = features.to(torch.float64)
-    gram = phi @ phi.T
-    gram.diagonal().add_(float(damping))
-    factor, info = torch.linalg.cholesky_ex(gram)
-    if int(info) != 0:
-        raise FloatingPointError(
-            f"ΦΦᵀ + λI is not positive definite (λ = {damping}): the features contain NaN/inf. Recompute the store."
-        )
-    return factor
-
-
-def woodbury_solve(
-    factor: torch.Tensor, features: torch.Tensor, vectors: torch.Tensor, damping: float
-) -> torch.Tensor:
-    """(ΦᵀΦ + λI)⁻¹ v = (v − Φᵀ(ΦΦᵀ + λI)⁻¹Φ v) / λ for each row v of `vectors` [Q, k], given the
-    factor of ΦΦᵀ + λI (`example_gram_factor`) and Φ [N, k]: [Q, k], equal to `kernel_solve`."""
-    phi = features.to(factor)
-    v = vectors.to(factor).T  # [k, Q]
-    return ((v - phi.T @ torch.cholesky_solve(phi @ v, factor)) / float(damping)).T
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
-
-
-def _plain(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
 
 
 # --------------------------------------------------------------------------------- attributor
@@ -297,7 +235,10 @@ class TRAKAttributor(Attributor):
         }
         key = hash_json(self.identity)
         self.store = Path(self.store_dir) if self.store_dir else context.cache_dir / "trak" / key
-        self._check_store()
+        self.features = FeatureStore(
+            self.store, self.identity, self.shard_size, self.projection_dim, self.name
+        )
+        self.features.check()
         per_example = len(self.resolved_timesteps) * len(self.caption_indices) * len(self.resolved_flips)
         log.info(
             "%s train side: %d weights (%s, %s gradients of %s) -> %d dims; %d examples x up to %d points; "
@@ -330,38 +271,6 @@ class TRAKAttributor(Attributor):
         self._prepare_kernel()
         self.timing["kernel_s"] = time.perf_counter() - started
 
-    def _check_store(self) -> None:
-        """Refuse a store made for another model/data/setting with a message that says what to do
-        (run_sharded would refuse it too, but could not say why)."""
-        meta_path = self.store / "sweep.json"
-        if not meta_path.is_file():
-            return
-        existing = json.loads(meta_path.read_text())
-        old, new = existing.get("identity", {}), _plain(self.identity)
-        if old != new:
-            differing = [part for part in ("model", "data", "train_side") if old.get(part) != new.get(part)]
-            what = {"model": "model weights", "data": "training data", "train_side": "method settings"}
-            detail = ""
-            if "train_side" in differing:
-                changed = sorted(
-                    k
-                    for k in set(old.get("train_side", {})) | set(new["train_side"])
-                    if old.get("train_side", {}).get(k) != new["train_side"].get(k)
-                )
-                detail = f" (settings that differ: {changed})"
-            raise TrainSideMismatchError(
-                f"The {self.name} train-side store {self.store} holds projected gradients of other "
-                f"{' and '.join(what[d] for d in differing)}{detail}: they cannot score this model's queries. "
-                "Delete that folder to recompute it for this model, or set method.store_dir to a new folder "
-                "(or leave method.store_dir unset: stores are then kept under cache_dir, one per model, "
-                "data and settings)."
-            )
-        if existing.get("shard_size") != self.shard_size:
-            raise TrainSideMismatchError(
-                f"The train-side store {self.store} was written in shards of {existing.get('shard_size')} "
-                f"examples: set method.shard_size={existing.get('shard_size')} to reuse (or resume) it."
-            )
-
     def _ids_per_chunk(self) -> int:
         """Examples whose mean gradients (float64) fit in buffer_mb, projected together."""
         per_example = self.num_weights * 8
@@ -390,7 +299,7 @@ class TRAKAttributor(Attributor):
                 )
                 rows.append(self.projection.project(means).to("cpu", torch.float32))
         features = torch.cat(rows)
-        _atomic_save_npy(self._feature_path(shard), features.numpy())
+        self.features.write(shard, features)
         seconds = time.perf_counter() - started
         log.info(
             "%s shard %d: %d examples in %.1f s (%.2f examples/s)",
@@ -402,29 +311,13 @@ class TRAKAttributor(Attributor):
         )
         return {"ids": torch.as_tensor(ids, dtype=torch.int64)}
 
-    def _feature_path(self, shard: int) -> Path:
-        return self.store / f"features_{shard:06d}.npy"
-
     def iter_features(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """(ids, Φ rows [len(ids), k] float32), one memory-mapped shard at a time."""
-        for shard, ids in enumerate(self.shards):
-            path = self._feature_path(shard)
-            if not path.is_file():
-                raise TrainSideMismatchError(
-                    f"{path} is missing although its shard marker exists: the store {self.store} is incomplete. "
-                    "Delete the folder to recompute it."
-                )
-            features = np.load(path, mmap_mode="r")
-            if features.shape != (len(ids), self.projection_dim):
-                raise TrainSideMismatchError(
-                    f"{path} holds {features.shape} features; expected {(len(ids), self.projection_dim)}. The "
-                    "store is corrupt: delete it to recompute."
-                )
-            yield ids, torch.from_numpy(np.array(features))  # this shard only, copied out of the map
+        return self.features.iter_features(self.shards)
 
     def _kernel_path(self) -> Path:
         key = hash_json([self.damping, self.train_ids.tolist(), getattr(self, "kernel_form", "features")])
-        return self.store / f"kernel_{key}.safetensors"
+        return self.features.kernel_path(key)
 
     def _train_rows(self) -> Iterator[torch.Tensor]:
         """Φ's rows of the model's training ids, shard by shard, on the model's device."""
@@ -471,12 +364,9 @@ class TRAKAttributor(Attributor):
         return woodbury_solve(self.factor, self.train_features, vectors.to(self.factor.device), self.damping)
 
     def train_side_bytes(self) -> int:
-        store = getattr(self, "store", None)
-        if store is None:
+        if not hasattr(self, "features"):
             return 0
-        files = [store / "sweep.json", self._kernel_path()]
-        files += list(store.glob("shard_*.safetensors")) + list(store.glob("features_*.npy"))
-        return disk_bytes(*files)
+        return self.features.bytes(self._kernel_path())
 
     # ---------------------------------------------------------------------------------- score
     def query_points(
@@ -487,13 +377,12 @@ class TRAKAttributor(Attributor):
         latent = query.latent.to(self.model.device, self.model.unet.dtype)
         steps = self.resolved_timesteps
         noise = torch.stack(
-            [keyed_randn(self.model.latent_shape, self.seed, TRAK_QUERY_STREAM, t) for t in steps]
+            [keyed_randn(self.model.latent_shape, self.seed, Stream.TRAK_QUERY, t) for t in steps]
         ).to(latent)
         t = torch.tensor(steps, dtype=torch.long, device=latent.device)
         latents = latent[None].expand(len(steps), *latent.shape)
         with torch.no_grad():
-            noisy = self.model.add_noise(latents, noise, t)
-            target = self.model.target(latents, noise, t)
+            noisy, target = noisy_inputs(self.model, latents, noise, t)
         return noisy, t, target, {"timesteps": steps}
 
     def query_features(self, queries: Sequence[Query]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
