@@ -39,12 +39,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from rare_concept_retrieval import concept_prompts, data_overrides  # noqa: E402
 
 from diffusion_attribution.attribution.queries import Query
-from diffusion_attribution.attribution.trak import (
-    JourneyTRAKAttributor,
-    TRAKAttributor,
-    gram_factor,
-    kernel_solve,
-)
+from diffusion_attribution.attribution.trak.attributor.attributor import JourneyTRAKAttributor, TRAKAttributor
+from diffusion_attribution.attribution.trak.attributor.kernel import gram_factor, kernel_solve
 from diffusion_attribution.autograd.output_gradients import (
     per_sample_output_gradients,
     training_gradient_means,

@@ -24,8 +24,10 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Words the tiny BPE merges into single tokens; anything else still tokenizes, byte by byte.
 WORDS = ["a", "an", "the", "photo", "of", "cat", "dog", "on", "red", "blue", "car", "sitting", "table"]
 
-# A shrunk coco_ldm UNet (the `unet` override of build_coco_ldm_model) matching the tiny text encoder.
+# A shrunk coco_ldm UNet (`model.unet` of build_coco_ldm_model) matching the tiny text encoder.
 TINY_UNET = {
+    "in_channels": 4,
+    "out_channels": 4,
     "block_out_channels": [8, 16],
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
@@ -127,7 +129,7 @@ def write_tiny_sd_components(root: Path) -> Path:
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-        unet = UNet2DConditionModel(sample_size=LATENT_SIZE, in_channels=4, out_channels=4, **TINY_UNET)
+        unet = UNet2DConditionModel(sample_size=LATENT_SIZE, **TINY_UNET)
     vae.save_pretrained(root / "vae", safe_serialization=True)
     text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
     unet.save_pretrained(root / "unet", safe_serialization=True)

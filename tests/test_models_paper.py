@@ -16,8 +16,6 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusion_attribution.models.build import load_pretrained_model
 from diffusion_attribution.models.coco_ldm import (
-    COCO_SCHEDULER,
-    COCO_UNET,
     build_coco_ldm_model,
     coco_unet_config,
 )
@@ -25,6 +23,7 @@ from diffusion_attribution.models.loading import model_from_config
 from diffusion_attribution.models.pipeline import TextToImageModel
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+PAPER = OmegaConf.load(CONF / "coco_ldm.yaml")  # the paper's UNet and schedule: their one definition
 PROMPTS = ["a photo of a cat", "a red car on the table"]
 
 
@@ -39,6 +38,7 @@ def build_tiny_coco(sd_dir: Path, **kwargs) -> TextToImageModel:
         "text_encoder_path": sd_dir,
         "tokenizer_path": sd_dir,
         "unet": TINY_UNET,
+        "scheduler": OmegaConf.to_container(PAPER.scheduler),
         "resolution": IMAGE_SIZE,
         **kwargs,
     }
@@ -54,7 +54,7 @@ def unet_outputs(model: TextToImageModel) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ paper UNet
 def test_paper_unet_size() -> None:
-    unet = UNet2DConditionModel(**coco_unet_config(sample_size=128 // 8))
+    unet = UNet2DConditionModel(**coco_unet_config(PAPER.unet, sample_size=128 // 8))
     total = sum(p.numel() for p in unet.parameters())
     cross_kv = sum(
         p.numel() for name, p in unet.named_parameters() if "attn2.to_k" in name or "attn2.to_v" in name
@@ -69,14 +69,20 @@ def test_yaml_defaults_are_the_paper_model() -> None:
     assert cfg._target_ == "diffusion_attribution.models.coco_ldm.build_coco_ldm_model"
     assert cfg.path is None and cfg.resolution == 128
     assert cfg.vae_path is None and cfg.text_encoder_path is None and cfg.tokenizer_path is None
-    assert OmegaConf.to_container(cfg.unet) == COCO_UNET
-    assert OmegaConf.to_container(cfg.scheduler) == COCO_SCHEDULER
+    assert OmegaConf.to_container(cfg.scheduler) == {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+    }
 
 
 def test_unet_sample_size_follows_resolution() -> None:
-    assert coco_unet_config(sample_size=32)["sample_size"] == 32
+    assert coco_unet_config(PAPER.unet, sample_size=32)["sample_size"] == 32
     with pytest.raises(ValueError, match="model.unet.sample_size"):
-        coco_unet_config({"sample_size": 64}, sample_size=16)
+        coco_unet_config({**PAPER.unet, "sample_size": 64}, sample_size=16)
 
 
 # ------------------------------------------------------------------------------------------ coco_ldm
@@ -196,6 +202,8 @@ def test_coco_ldm_bad_paths(sd_dir: Path, tmp_path: Path) -> None:
 def test_coco_ldm_mismatches_are_explained(sd_dir: Path) -> None:
     # The paper UNet expects the 1024-wide SD-2 text encoder, the tiny one is 32 wide.
     with pytest.raises(ValueError, match=r"cross_attention_dim=1024 .*hidden_size=32"):
+        build_tiny_coco(sd_dir, unet=OmegaConf.to_container(PAPER.unet))
+    with pytest.raises(ValueError, match="needs model.unet and model.scheduler"):
         build_tiny_coco(sd_dir, unet=None)
     with pytest.raises(ValueError, match=r"model\.unet\.in_channels=3 .*latent_channels=4"):
         build_tiny_coco(sd_dir, unet={**TINY_UNET, "in_channels": 3})

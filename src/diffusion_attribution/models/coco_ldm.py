@@ -27,33 +27,6 @@ from diffusion_attribution.models.pipeline import TextToImageModel
 
 SD2_REPO = "stabilityai/stable-diffusion-2-1-base"
 
-# The paper's UNet; `unet` overrides any of these keys (sample_size comes from model.resolution).
-COCO_UNET: dict[str, Any] = {
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [128, 256, 256, 256],
-    "layers_per_block": 2,
-    "down_block_types": [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "attention_head_dim": 8,
-    "cross_attention_dim": 1024,
-}
-
-# DDPM, 1000 steps, linear betas, epsilon prediction. No clipping: latents are not in [-1, 1].
-COCO_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-}
-
 # component -> (config key, pipeline subfolder, files that mark the component folder itself, what it is)
 _COMPONENTS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
     "vae": ("model.vae_path", "vae", ("config.json",), "the Stable Diffusion 2 VAE"),
@@ -78,11 +51,10 @@ def _as_dict(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
     return dict(cfg or {})
 
 
-def coco_unet_config(
-    unet: Mapping[str, Any] | DictConfig | None = None, sample_size: int = 16
-) -> dict[str, Any]:
-    """The UNet2DConditionModel kwargs: the paper's defaults, `unet` overrides, the latent size."""
-    config = {**COCO_UNET, **_as_dict(unet)}
+def coco_unet_config(unet: Mapping[str, Any] | DictConfig, sample_size: int = 16) -> dict[str, Any]:
+    """The UNet2DConditionModel kwargs: `model.unet` (the paper's UNet is conf/model/coco_ldm.yaml, its
+    one definition) with the latent size."""
+    config = _as_dict(unet)
     given = config.pop("sample_size", None)
     if given is not None and given != sample_size:
         raise ValueError(
@@ -147,7 +119,8 @@ def build_coco_ldm_model(
     resolution: int = 128,
     path: str | Path | None = None,
 ) -> TextToImageModel:
-    """The paper's MSCOCO latent diffusion model with a randomly initialised UNet.
+    """The paper's MSCOCO latent diffusion model with a randomly initialised UNet (`unet` and `scheduler`
+    as conf/model/coco_ldm.yaml defines them: the paper's).
 
     `captions` is unused (the tokenizer is pretrained). With `path` set, the trained model saved
     there is loaded instead. When `tokenizer_path` is unset and the text encoder comes from a
@@ -155,6 +128,11 @@ def build_coco_ldm_model(
     """
     if path is not None and str(path) != "":
         return TextToImageModel.from_pretrained(path)
+    if not unet or not scheduler:
+        raise ValueError(
+            "build_coco_ldm_model needs model.unet and model.scheduler: compose model=coco_ldm "
+            "(conf/model/coco_ldm.yaml holds the paper's UNet and noise schedule)."
+        )
 
     vae_dir = resolve_component(vae_path, "vae")
     text_encoder_dir = resolve_component(text_encoder_path, "text_encoder")
@@ -192,5 +170,5 @@ def build_coco_ldm_model(
         )
 
     unet_model = UNet2DConditionModel(**unet_config)
-    ddpm = DDPMScheduler(**{**COCO_SCHEDULER, **_as_dict(scheduler)})
+    ddpm = DDPMScheduler(**_as_dict(scheduler))
     return TextToImageModel(unet_model, text_encoder, tokenizer, ddpm, vae, train_text_encoder=False)

@@ -1,1 +1,0 @@
-"""Attribution methods and the pieces they share (which weights a method looks at)."""
