@@ -9,7 +9,10 @@ lives in one file of this package. Its life cycle, driven by the unlearning attr
     curvature.precondition(gradient, num_train)                         # P⁻¹ g, by parameter name
 
 `settings()` names what decides the fitted numbers (it enters the cache key); the damping is applied
-at `precondition` time, so one cached fit serves every damping. A curvature without factors (the
+at `precondition` time, so one cached fit serves every damping. The damping λ is relative to the
+curvature's own scale: `damping_scope=global` takes one λ = damping · mean over every selected layer
+(the paper's AbU); `layer` gives each layer its own λ_l = damping · mean over that layer (FastGDA's
+AbU+ rule), which matters when layers differ in scale (e.g. cross-attention K against V). A curvature without factors (the
 identity) says so with `needs_fit = False`.
 """
 
@@ -37,7 +40,16 @@ class Curvature(ABC):
     name: ClassVar[str] = "curvature"
     needs_fit: ClassVar[bool] = True
 
-    def __init__(self, damping: float = 0.1, samples_per_example: int = 1) -> None:
+    SCOPES = ("global", "layer")
+
+    def __init__(
+        self, damping: float = 0.1, samples_per_example: int = 1, damping_scope: str = "global"
+    ) -> None:
+        if damping_scope not in self.SCOPES:
+            raise ValueError(
+                f"Unknown method.curvature.damping_scope={damping_scope!r}; options: {self.SCOPES} (global: one "
+                "λ relative to the mean over every selected layer; layer: each layer's own mean)."
+            )
         if not damping >= 0:
             raise ValueError(f"method.curvature.damping must be >= 0, got {damping}.")
         if int(samples_per_example) < 1:
@@ -46,6 +58,7 @@ class Curvature(ABC):
             )
         self.damping = float(damping)
         self.samples_per_example = int(samples_per_example)
+        self.damping_scope = damping_scope
 
     def settings(self) -> dict[str, Any]:
         """What decides the fitted numbers (part of the cache key; the damping is not)."""
@@ -53,7 +66,7 @@ class Curvature(ABC):
 
     def describe(self) -> dict[str, Any]:
         """The settings that decide the preconditioned step (written into ranking.json)."""
-        return {**self.settings(), "damping": self.damping}
+        return {**self.settings(), "damping": self.damping, "damping_scope": self.damping_scope}
 
     @abstractmethod
     def fit(

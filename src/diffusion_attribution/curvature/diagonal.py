@@ -356,8 +356,10 @@ class DiagonalCurvature(Curvature):
 
     name = "diagonal"
 
-    def __init__(self, damping: float = 0.1, samples_per_example: int = 1) -> None:
-        super().__init__(damping, samples_per_example)
+    def __init__(
+        self, damping: float = 0.1, samples_per_example: int = 1, damping_scope: str = "global"
+    ) -> None:
+        super().__init__(damping, samples_per_example, damping_scope)
         self.fisher: FisherDiagonal | None = None
 
     @classmethod
@@ -416,11 +418,18 @@ class DiagonalCurvature(Curvature):
     def precondition(self, gradient: Mapping[str, torch.Tensor], num_train: float) -> dict[str, torch.Tensor]:
         fisher = self._fitted()
         names = list(gradient)
-        lam = self._damping_value(names)
+        if self.damping_scope == "layer":  # a layer: the weight and bias of one module
+            groups: dict[str, list[str]] = {}
+            for name in names:
+                groups.setdefault(name.rpartition(".")[0], []).append(name)
+            lams = {name: self._damping_value(group) for group in groups.values() for name in group}
+        else:
+            lam = self._damping_value(names)
+            lams = dict.fromkeys(names, lam)
         out = {}
         for name in names:
             value = fisher[name].to(gradient[name].device, torch.float64)
-            scale = (1.0 / (float(num_train) * (value + lam))).to(torch.float32)
+            scale = (1.0 / (float(num_train) * (value + lams[name]))).to(torch.float32)
             out[name] = gradient[name] * scale
         return out
 

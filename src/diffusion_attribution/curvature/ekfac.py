@@ -310,14 +310,16 @@ class EKFAC:
         return self
 
     def precondition(
-        self, gradients: Mapping[str, torch.Tensor], num_train: float, damping: float
+        self, gradients: Mapping[str, torch.Tensor], num_train: float, damping: float, per_layer: bool = False
     ) -> dict[str, torch.Tensor]:
-        """Q_G [(Q_Gᵀ ∇ Q_A) / (N (Λ + λ))] Q_Aᵀ per layer, λ = damping · mean(Λ); float32, by name."""
+        """Q_G [(Q_Gᵀ ∇ Q_A) / (N (Λ + λ))] Q_Aᵀ per layer, λ = damping · mean(Λ) over every layer (or,
+        `per_layer`, over that layer's own Λ); float32, by name."""
         if damping < 0:
             raise ValueError(f"damping must be >= 0, got {damping}.")
-        lam = damping * self.mean()
+        global_lam = damping * self.mean()
         out: dict[str, torch.Tensor] = {}
         for module, block in self.blocks.items():
+            lam = damping * float(self.eigenvalues[module].double().mean()) if per_layer else global_lam
             matrix = _gradient_matrix(gradients, block)
             device = matrix.device
             q_in, q_out = (
@@ -506,8 +508,10 @@ class EKFACCurvature(Curvature):
 
     name = "ekfac"
 
-    def __init__(self, damping: float = 0.1, samples_per_example: int = 1) -> None:
-        super().__init__(damping, samples_per_example)
+    def __init__(
+        self, damping: float = 0.1, samples_per_example: int = 1, damping_scope: str = "global"
+    ) -> None:
+        super().__init__(damping, samples_per_example, damping_scope)
         self.factors: EKFAC | None = None
 
     @classmethod
@@ -561,4 +565,6 @@ class EKFACCurvature(Curvature):
         return None if num is None else float(num)
 
     def precondition(self, gradient: Mapping[str, torch.Tensor], num_train: float) -> dict[str, torch.Tensor]:
-        return self._fitted().precondition(gradient, float(num_train), self.damping)
+        return self._fitted().precondition(
+            gradient, float(num_train), self.damping, per_layer=self.damping_scope == "layer"
+        )
