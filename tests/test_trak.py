@@ -6,12 +6,14 @@ trajectory, bad input fails clearly, and attribute.py writes the score files."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 from PIL import Image
 from small_models import SMALLER, small_model
 from test_attribute_job import (  # noqa: F401  (pytest fixtures)
@@ -31,6 +33,7 @@ from diffusion_attribution.attribution.trak.attributor import (
     DTRAKAttributor,
     JourneyTRAKAttributor,
     TRAKAttributor,
+    kernel_damping,
 )
 from diffusion_attribution.attribution.trak.kernel import (
     example_gram_factor,
@@ -112,8 +115,11 @@ def plain_gradient(model, params, value: torch.Tensor) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads]).double()
 
 
-def brute_force_scores(model, data, query, output: str, dim: int) -> np.ndarray:
-    """One (example, caption, flip, timestep) at a time with loss.backward-style autograd."""
+def brute_force_scores(
+    model, data, query, output: str, dim: int, damping: float = SETTINGS["damping"], unscaled: bool = False
+) -> np.ndarray:
+    """One (example, caption, flip, timestep) at a time with loss.backward-style autograd; `unscaled`:
+    with an N(0, 1) projector (no 1/√k), as the D-TRAK reference code, and its λ."""
     params = select_parameters(model.unet, "kv")
     dataset = data.full_dataset()
     timesteps = SETTINGS["timesteps"]
@@ -152,9 +158,11 @@ def brute_force_scores(model, data, query, output: str, dim: int) -> np.ndarray:
         seed=0,
         block_rows=SETTINGS["block_rows"],
     ).matrix()
+    if unscaled:
+        matrix = matrix * math.sqrt(dim)
     features, q_feature = gradients @ matrix, q_gradient @ matrix
     train = features[torch.as_tensor(np.asarray(data.train_ids))]
-    kernel = train.T @ train + SETTINGS["damping"] * torch.eye(matrix.shape[1], dtype=torch.float64)
+    kernel = train.T @ train + damping * torch.eye(matrix.shape[1], dtype=torch.float64)
     return (q_feature @ torch.linalg.inv(kernel) @ features.T).numpy()
 
 
@@ -369,3 +377,33 @@ def test_attribute_job_writes_dtrak_scores(checkpoint, world_overrides, datamodu
     record = json.loads((run_dir / "ranking.json").read_text())["queries"][0]["diagnostics"]
     assert journey.shape == (1, NUM_EXAMPLES) and record["regenerated_max_abs_diff"] <= 1e-3
     HydraConfig.instance().cfg = None
+
+
+def test_a_published_lambda_is_entered_in_its_own_units(world, tmp_path: Path) -> None:
+    """method.damping_convention=unscaled_projection takes λ as the D-TRAK reference enters it (an
+    unscaled projector): the scores equal that reference computation at that λ."""
+    model, data, query = world
+    dim, published = 10, 0.5
+    attributor = prepared(
+        DTRAKAttributor,
+        world,
+        tmp_path,
+        projection_dim=dim,
+        damping=published,
+        damping_convention="unscaled_projection",
+    )
+    assert attributor.kernel_damping == pytest.approx(published / dim)
+    with torch.no_grad():
+        scores = attributor.score([query])
+    expected = brute_force_scores(model, data, query, "output_norm", dim, damping=published, unscaled=True)
+    np.testing.assert_allclose(scores[0], expected, rtol=0, atol=2e-4 * np.abs(expected).max())
+    library = kernel_damping(published, "trak_library", dim, attributor.num_weights)
+    assert library == pytest.approx(published * attributor.num_weights / dim)
+    with pytest.raises(ValueError, match="Unknown method.damping_convention='paper'"):
+        DTRAKAttributor(damping_convention="paper")
+
+
+def test_the_default_lambda_is_the_configs_whether_built_by_hydra_or_in_python() -> None:
+    conf = Path(__file__).resolve().parents[1] / "conf" / "method"
+    for name, cls in (("trak", TRAKAttributor), ("dtrak", DTRAKAttributor)):
+        assert cls().damping == float(OmegaConf.load(conf / f"{name}.yaml").damping)

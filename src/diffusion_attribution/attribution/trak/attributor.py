@@ -76,11 +76,31 @@ log = logging.getLogger(__name__)
 PROJECTION_DEVICES = ("cpu", "cuda")
 
 
+# How a published λ is entered: our projection P has N(0, 1)/√k entries (inner products preserved), so
+# λ is in projected-gradient units. A paper's λ converts to ours exactly (the scores are equal):
+DAMPING_CONVENTIONS = {
+    "projected": "λ as the kernel uses it (projection scaled by 1/√k): method.damping is taken as is",
+    "unscaled_projection": "λ for an unscaled N(0, 1) projector, as the D-TRAK reference code: ours = λ / k",
+    "trak_library": "λ of the TRAK library (unscaled projector, features divided by √d): ours = λ · d / k",
+}
+
+
+def kernel_damping(damping: float, convention: str, dim: int, num_weights: int) -> float:
+    """The λ of (ΦᵀΦ + λI)⁻¹ for our scaled projection, from a λ given in `convention` (k = `dim`
+    projected dimensions, d = `num_weights` gradient dimensions)."""
+    if convention == "unscaled_projection":
+        return float(damping) / dim
+    if convention == "trak_library":
+        return float(damping) * num_weights / dim
+    return float(damping)
+
+
 # --------------------------------------------------------------------------------- attributor
 class TRAKAttributor(Attributor):
     """TRAK: f = the diffusion training loss (see the module docstring; dtrak/journeytrak below)."""
 
     name = "trak"
+    default_damping = 0.005  # method.damping when not given (conf/method/trak.yaml sets the same)
     train_output = "loss"
     query_output = "loss"
 
@@ -91,7 +111,8 @@ class TRAKAttributor(Attributor):
         projection: str = "gaussian",
         projection_device: str = "cpu",
         block_rows: int = 1024,
-        damping: float = 0.005,
+        damping: float | None = None,
+        damping_convention: str = "projected",
         timesteps: Sequence[int] | None = None,
         num_timesteps: int = 10,
         captions: Sequence[int] | int | str = 1,
@@ -119,8 +140,12 @@ class TRAKAttributor(Attributor):
             )
         if int(projection_dim) < 1:
             raise ValueError(f"method.projection_dim must be at least 1, got {projection_dim}.")
+        damping = self.default_damping if damping is None else damping
         if not float(damping) > 0:
             raise ValueError(f"method.damping (λ) must be positive, got {damping}.")
+        if damping_convention not in DAMPING_CONVENTIONS:
+            options = "; ".join(f"{k}: {v}" for k, v in DAMPING_CONVENTIONS.items())
+            raise ValueError(f"Unknown method.damping_convention={damping_convention!r}. Options: {options}.")
         for key, value in (
             ("batch_size", batch_size),
             ("shard_size", shard_size),
@@ -134,6 +159,7 @@ class TRAKAttributor(Attributor):
         self.projection_device = projection_device
         self.block_rows = int(block_rows)
         self.damping = float(damping)
+        self.damping_convention = damping_convention
         self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
         self.num_timesteps = int(num_timesteps)
         # Plain values (Hydra passes lists as ListConfig), as ranking.json records them.
@@ -194,6 +220,8 @@ class TRAKAttributor(Attributor):
             "projection_device": self.projection_device,
             "block_rows": self.block_rows,
             "damping": self.damping,
+            "damping_convention": self.damping_convention,
+            "kernel_damping": getattr(self, "kernel_damping", None),
             "flips": self.flips,
         }
         if hasattr(self, "resolved_timesteps"):
@@ -225,6 +253,9 @@ class TRAKAttributor(Attributor):
             device=self.projection_device,
         )
         self.method_used = resolve_method(model.unet, self.selected, self.gradient_method)
+        self.kernel_damping = kernel_damping(
+            self.damping, self.damping_convention, self.projection_dim, self.num_weights
+        )
         self.all_ids = np.arange(datamodule.num_examples)
         self.dataset = datamodule.full_dataset()
         self.train_ids = np.asarray(datamodule.train_ids, dtype=np.int64)
@@ -316,7 +347,9 @@ class TRAKAttributor(Attributor):
         return self.features.iter_features(self.shards)
 
     def _kernel_path(self) -> Path:
-        key = hash_json([self.damping, self.train_ids.tolist(), getattr(self, "kernel_form", "features")])
+        key = hash_json(
+            [self.kernel_damping, self.train_ids.tolist(), getattr(self, "kernel_form", "features")]
+        )
         return self.features.kernel_path(key)
 
     def _train_rows(self) -> Iterator[torch.Tensor]:
@@ -340,9 +373,9 @@ class TRAKAttributor(Attributor):
             return
         if self.kernel_form == "features":
             # On the model's device: ΦᵀΦ at paper scale is 2.5e14 float64 operations.
-            self.factor = gram_factor(self._train_rows(), self.projection_dim, self.damping)
+            self.factor = gram_factor(self._train_rows(), self.projection_dim, self.kernel_damping)
         else:
-            self.factor = example_gram_factor(self.train_features, self.damping)
+            self.factor = example_gram_factor(self.train_features, self.kernel_damping)
         # For choosing λ: the mean non-zero eigenvalue of ΦᵀΦ, Σ‖φ‖²/min(N, k), which (unlike
         # mean diag(ΦᵀΦ) = Σ‖φ‖²/k) does not depend on k; README: λ of a few times it worked best.
         squared = sum(float(rows.double().pow(2).sum()) for rows in self._train_rows())
@@ -352,8 +385,8 @@ class TRAKAttributor(Attributor):
             len(self.train_ids),
             self.kernel_form,
             mean_eigenvalue,
-            self.damping,
-            self.damping / mean_eigenvalue if mean_eigenvalue > 0 else float("inf"),
+            self.kernel_damping,
+            self.kernel_damping / mean_eigenvalue if mean_eigenvalue > 0 else float("inf"),
         )
         atomic_save_tensors(path, {"factor": self.factor})
 
@@ -361,7 +394,9 @@ class TRAKAttributor(Attributor):
         """(ΦᵀΦ + λI)⁻¹ v for each row of `vectors` [Q, k] (float64, on the factor's device)."""
         if self.kernel_form == "features":
             return kernel_solve(self.factor, vectors.to(self.factor.device))
-        return woodbury_solve(self.factor, self.train_features, vectors.to(self.factor.device), self.damping)
+        return woodbury_solve(
+            self.factor, self.train_features, vectors.to(self.factor.device), self.kernel_damping
+        )
 
     def train_side_bytes(self) -> int:
         if not hasattr(self, "features"):
@@ -455,6 +490,7 @@ class DTRAKAttributor(TRAKAttributor):
     name = "dtrak"
     train_output = "output_norm"
     query_output = "output_norm"
+    default_damping = 0.01  # conf/method/dtrak.yaml sets the same
 
 
 class JourneyTRAKAttributor(TRAKAttributor):
