@@ -93,7 +93,9 @@ def load_checked_tensors(
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open API)
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CorruptFileError(path, f"not a readable safetensors file ({reason}; truncated?)", fix) from error
+        raise CorruptFileError(
+            path, f"not a readable safetensors file ({reason}; truncated?)", fix
+        ) from error
     expected = metadata.get(CHECKSUM_KEY)
     if expected is None:
         if require_checksum:
