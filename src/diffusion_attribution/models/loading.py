@@ -17,8 +17,16 @@ CUSTOMIZATION_LOADER = "diffusion_attribution.models.customization.load_customiz
 CUSTOMIZATION_KEYS = ("base_path", "customization")
 
 
+def _missing(cfg: DictConfig, key: str) -> bool:
+    """Whether `key` is `???` (a DictConfig's `in` is False for it)."""
+    try:
+        return OmegaConf.is_missing(cfg, key)
+    except Exception:  # not a key of this config at all
+        return False
+
+
 def _given(cfg: DictConfig, key: str) -> bool:
-    return key in cfg and not OmegaConf.is_missing(cfg, key) and bool(cfg.get(key))
+    return not _missing(cfg, key) and bool(cfg.get(key))
 
 
 def model_from_config(
@@ -47,7 +55,7 @@ def model_from_config(
                 f"{expected}: set model.resolution={model.image_resolution} so the data is resized to match."
             )
         return model
-    if require_path or target in PATH_LOADERS or ("path" in cfg and OmegaConf.is_missing(cfg, "path")):
+    if require_path or target in PATH_LOADERS or _missing(cfg, "path"):
         raise ValueError(
             "model.path is not set, but this job needs an existing model (a trained one is loaded, not "
             "built from scratch): set model.path=<folder> (a checkpoint folder written by train.py, e.g. "
