@@ -1,6 +1,7 @@
 """The sharded, resumable sweeps (modules/sharded_sweep.py): the per-sample losses and the Fisher do
 not depend on batch size, shard size or process count, a sweep killed mid-way resumes computing only
-the missing shards, and a folder holding another run's shards is refused."""
+the missing shards, and a folder holding another run's shards is refused (one that differs only in its
+shard size is resumed in its own)."""
 
 from __future__ import annotations
 
@@ -134,11 +135,12 @@ def test_a_killed_sweep_resumes_with_the_missing_shards(
     assert calls == []
 
 
-def test_sigterm_stops_the_sweep_between_shards_and_it_resumes(
+def test_sigterm_stops_the_sweep_within_the_shard_and_it_resumes(
     world, reference, monkeypatch, tmp_path: Path
 ) -> None:
-    """SLURM preemption or `kill`: the shard in progress is finished and written, no further one is
-    started, and the process exits (SystemExit) with a message saying how to resume."""
+    """SLURM preemption or `kill`: the shard in progress stops at its next module call (its partial
+    work is discarded), the finished shards are kept, and the process exits (SystemExit) with a message
+    saying how to resume."""
     calls: list[int] = []
 
     def terminated_during_second_shard(*args, **kwargs):
@@ -149,11 +151,11 @@ def test_sigterm_stops_the_sweep_between_shards_and_it_resumes(
 
     monkeypatch.setattr(loss_sweep, "per_sample_losses", terminated_during_second_shard)
     out = tmp_path / "sweep"
-    with pytest.raises(SweepInterrupted, match=r"SIGTERM received: stopped before shard 2.*again to resume"):
+    with pytest.raises(SweepInterrupted, match=r"SIGTERM received: stopped during shard 1.*again to resume"):
         sweep(world, out, shard_size=5)
     assert isinstance(SweepInterrupted("x"), SystemExit)
     assert calls == [5, 5]
-    assert [p.name for p in shard_files(out)] == ["shard_000000.safetensors", "shard_000001.safetensors"]
+    assert [p.name for p in shard_files(out)] == ["shard_000000.safetensors"]
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # Lightning restored the handler
 
     calls.clear()
@@ -167,12 +169,11 @@ def test_a_folder_of_another_run_is_refused(world, monkeypatch, tmp_path: Path) 
     before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
     calls = counting_losses(monkeypatch)
     other_config = SweepConfig(timesteps=(30, 500), caption_indices=CONFIG.caption_indices, seed=CONFIG.seed)
-    for change in (
-        {"identity": {**IDENTITY, "model": "another model"}},
-        {"config": other_config},
-        {"shard_size": 6},
+    for change, key in (
+        ({"identity": {**IDENTITY, "model": "another model"}}, "identity.model"),
+        ({"config": other_config}, r"identity\.sweep\.flips: .*; identity\.sweep\.timesteps"),
     ):
-        with pytest.raises(ValueError, match=r"already holds results of a different run.*refusing to mix"):
+        with pytest.raises(ValueError, match=rf"different run.*differs in: {key}: .*refusing to mix"):
             sweep(world, out, **{"shard_size": 8, **change})
     model, datamodule = world
     with pytest.raises(ValueError, match="different run"):  # other ids
@@ -181,6 +182,9 @@ def test_a_folder_of_another_run_is_refused(world, monkeypatch, tmp_path: Path) 
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before  # and nothing touched
     assert json.loads((out / "sweep.json").read_text())["identity"]["sweep"]["timesteps"] == [30, 500, 960]
     assert torch.equal(sweep(world, out, shard_size=8), first)  # the same run still resumes
+    # Another shard size is no other run: the folder is used in its own shard size, nothing recomputed.
+    assert torch.equal(sweep(world, out, shard_size=6), first)
+    assert calls == []
 
 
 def test_fisher_shards_sum_to_the_whole(world, tmp_path: Path) -> None:

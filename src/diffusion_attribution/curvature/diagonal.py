@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from diffusion_attribution.autograd.per_sample import per_sample_gradients, vmap_friendly_attention
@@ -38,7 +37,12 @@ from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.weight_subsets import select_parameters
 from diffusion_attribution.objective.batches import training_loss_batches
 from diffusion_attribution.objective.loss import evaluation_mode
-from diffusion_attribution.utils.atomic import atomic_save_tensors, atomic_write_text
+from diffusion_attribution.utils.atomic import (
+    CorruptFileError,
+    atomic_save_tensors,
+    atomic_write_text,
+    load_checked_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -146,11 +150,14 @@ class FisherDiagonal:
             raise FileNotFoundError(
                 f"No Fisher file at {path}. Compute one with compute_fisher(...).save(path) first."
             )
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            header = handle.metadata() or {}
-            names = json.loads(header[NAMES_KEY]) if NAMES_KEY in header else sorted(handle.keys())
-            values = {name: handle.get_tensor(name) for name in names}
-        metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
+        fix = "Delete it (and its .json) so that the Fisher is recomputed."
+        tensors, header = load_checked_tensors(path, fix, str(device), require_checksum=False)
+        try:
+            names = json.loads(header[NAMES_KEY]) if NAMES_KEY in header else sorted(tensors)
+            values = {name: tensors[name] for name in names}
+            metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
+        except (KeyError, ValueError) as error:
+            raise CorruptFileError(path, f"its header does not match its tensors ({error!r})", fix) from error
         return cls(values, metadata)
 
 

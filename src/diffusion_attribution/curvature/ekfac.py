@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -45,7 +44,12 @@ from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.weight_subsets import select_parameters
 from diffusion_attribution.objective.batches import training_loss_batches
 from diffusion_attribution.objective.loss import evaluation_mode, per_example_loss
-from diffusion_attribution.utils.atomic import atomic_save_tensors, atomic_write_text
+from diffusion_attribution.utils.atomic import (
+    CorruptFileError,
+    atomic_save_tensors,
+    atomic_write_text,
+    load_checked_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -355,12 +359,16 @@ class EKFAC:
             raise FileNotFoundError(
                 f"No EK-FAC file at {path}. Compute one with compute_ekfac(...).save(path)."
             )
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            header = json.loads((handle.metadata() or {})[METADATA_KEY])
+        fix = "Delete it (and its .json) so that the EK-FAC factors are recomputed."
+        tensors, raw = load_checked_tensors(path, fix, str(device), require_checksum=False)
+        try:
+            header = json.loads(raw[METADATA_KEY])
             blocks = {m: LinearBlock(m, w, b) for m, w, b in header["blocks"]}
-            q_in = {m: handle.get_tensor(f"q_in.{m}") for m in blocks}
-            q_out = {m: handle.get_tensor(f"q_out.{m}") for m in blocks}
-            eigenvalues = {m: handle.get_tensor(f"eigenvalues.{m}") for m in blocks}
+            q_in = {m: tensors[f"q_in.{m}"] for m in blocks}
+            q_out = {m: tensors[f"q_out.{m}"] for m in blocks}
+            eigenvalues = {m: tensors[f"eigenvalues.{m}"] for m in blocks}
+        except (KeyError, ValueError, TypeError) as error:
+            raise CorruptFileError(path, f"its header does not match its tensors ({error!r})", fix) from error
         return cls(blocks, q_in, q_out, eigenvalues, header["metadata"])
 
 

@@ -25,11 +25,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save_file
 from torch import nn
 
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.weight_subsets import select_parameters
+from diffusion_attribution.utils.atomic import is_safetensors_file
 from diffusion_attribution.utils.fingerprint import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -209,14 +211,20 @@ def load_customization(model: TextToImageModel, path: str | Path) -> TextToImage
             f"{path} does not exist: give a {DELTA_FILE} written by the customization (train.py "
             "experiment=customize writes it beside the checkpoint folder's weights)."
         )
-    with safe_open(str(path), framework="pt") as handle:
-        raw = (handle.metadata() or {}).get(DELTA_METADATA_KEY)
-        if raw is None:
-            raise CustomizationError(
-                f"{path} has no customization metadata: it was not written by save_customized."
-            )
-        metadata = json.loads(raw)
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open API)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(DELTA_METADATA_KEY)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open API)
+    except Exception as error:  # truncated or not safetensors
+        raise CustomizationError(
+            f"Cannot read {path} ({str(error).splitlines()[0] if str(error) else type(error).__name__}): it "
+            "is truncated or not a safetensors file. Copy it again, or rerun train.py experiment=customize."
+        ) from error
+    if raw is None:
+        raise CustomizationError(
+            f"{path} has no customization metadata: it was not written by save_customized."
+        )
+    metadata = json.loads(raw)
     base = metadata.get("base_model")
     if base and base != model_fingerprint(model):
         log.warning(
@@ -271,8 +279,6 @@ def load_customized_model(
         )
     target = Path(customization)
     if target.is_dir() and not (target / DELTA_FILE).is_file():
-        pass
-
         return apply_abc_customization(model, target)
     return load_customization(model, target)
 
@@ -283,13 +289,42 @@ TOKEN_FILE = "<new1>.bin"
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.pt"
 
 
+# What diffusers' own `save_attn_procs` names the K/V weights (pickled tensors / safetensors).
+WEIGHTS_FILE_ALTERNATIVES = (
+    WEIGHTS_FILE,
+    "pytorch_custom_diffusion_weights.bin",
+    "pytorch_custom_diffusion_weights.safetensors",
+)
+
+
 def _load_torch_file(path: Path, what: str) -> Any:
+    """A tensor file in either format, told apart by content (not by name): safetensors, read with
+    safetensors; otherwise a torch.save file of tensors, read with torch.load(weights_only=True), which
+    never runs code from the file."""
     if not path.is_file():
         raise CustomizationError(f"{path} does not exist: the customized model folder must hold {what}.")
+    if is_safetensors_file(path):
+        try:
+            return load_safetensors_file(str(path), device="cpu")
+        except Exception as error:
+            raise CustomizationError(
+                f"{path} looks like a safetensors file but cannot be read ({error}): it is truncated or "
+                f"damaged. Copy or download {what} again."
+            ) from error
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    except Exception as error:  # weights_only refuses pickled code; a corrupt file fails here too
-        raise CustomizationError(f"Cannot read {path} with torch.load(weights_only=True): {error}") from error
+    except Exception as error:  # pickled code is refused; a truncated or foreign file fails here too
+        # torch's own message advises loading without weights_only, which would run code from the file:
+        # say what the file is instead.
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "weights_only" in str(error) or "Weights only" in str(error):
+            detail = "it holds pickled objects other than tensors, dicts and lists"
+        raise CustomizationError(
+            f"Cannot read {path} ({what}): it is neither a safetensors file nor a PyTorch file of plain "
+            f"tensors ({detail}). Give the file as diffusers writes it (save_attn_procs / "
+            "save_textual_inversion, safetensors or torch.save of a dict of tensors); if it is truncated, "
+            "copy or download it again."
+        ) from error
 
 
 def read_token_embedding(path: str | Path) -> dict[str, torch.Tensor]:
@@ -313,8 +348,27 @@ def read_kv_weights(path: str | Path) -> dict[str, torch.Tensor]:
     UNet's own (`...attn2.to_k.weight`)."""
     path = Path(path)
     state = _load_torch_file(path, f"the cross-attention K/V weights ({WEIGHTS_FILE})")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CustomizationError(f"{path} must hold a flat {{parameter name: tensor}} dict.")
+    if isinstance(state, dict):
+        # diffusers' save_attn_procs writes an empty {} for every processor without weights (the
+        # self-attention `attn1` ones of Custom Diffusion): nothing to load there.
+        state = {k: v for k, v in state.items() if not (isinstance(v, Mapping) and not v)}
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
+        bad = (
+            [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+            if isinstance(state, dict)
+            else []
+        )
+        raise CustomizationError(
+            f"{path} must hold a flat {{parameter name: tensor}} dict"
+            + (f"; entries that are not tensors: {_listed([str(k) for k in bad])}" if bad else "")
+            + (f", got {type(state).__name__}" if not isinstance(state, dict) else "")
+            + ("; it is empty" if isinstance(state, dict) and not state else "")
+            + "."
+        )
     renamed = {}
     for key, value in state.items():
         name = key.replace(".processor.to_k_custom_diffusion.", ".to_k.").replace(
@@ -332,7 +386,11 @@ def apply_abc_customization(model: TextToImageModel, model_dir: str | Path) -> T
     if not model_dir.is_dir():
         raise CustomizationError(f"Customized model folder {model_dir} does not exist.")
     embeddings = read_token_embedding(model_dir / TOKEN_FILE)
-    weights = read_kv_weights(model_dir / WEIGHTS_FILE)  # read both before changing the model
+    weights_file = next(
+        (model_dir / name for name in WEIGHTS_FILE_ALTERNATIVES if (model_dir / name).is_file()),
+        model_dir / WEIGHTS_FILE,
+    )
+    weights = read_kv_weights(weights_file)  # read both before changing the model
     width = token_embedding_table(model).weight.shape[1]
     for token, row in embeddings.items():
         if tuple(row.shape) != (width,):
@@ -346,5 +404,5 @@ def apply_abc_customization(model: TextToImageModel, model_dir: str | Path) -> T
     with torch.no_grad():
         for token, token_id in zip(tokens, ids, strict=True):
             table[token_id] = embeddings[token].to(table.dtype)
-    load_unet_subset(model.unet, weights, str(model_dir / WEIGHTS_FILE), "kv")
+    load_unet_subset(model.unet, weights, str(weights_file), "kv")
     return model

@@ -8,7 +8,9 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import transformers
@@ -23,6 +25,8 @@ CONFIG_FILE = "training_config.yaml"
 MODEL_INDEX = "model_index.json"
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -187,20 +191,55 @@ class TextToImageModel(nn.Module):
                 "text_encoder/, tokenizer/, scheduler/ (and vae/ for latent models)."
             )
         index_file = path / MODEL_INDEX
-        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        index = (
+            _read_component(index_file, lambda: json.loads(index_file.read_text()))
+            if index_file.is_file()
+            else {}
+        )
         # Every component in float32 unless asked otherwise (transformers would otherwise keep the
         # dtype the checkpoint was saved in, e.g. an fp16 text encoder next to an fp32 UNet).
         dtype = torch_dtype or torch.float32
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder").to(dtype)
-        tokenizer = _load_tokenizer(path / "tokenizer", index.get("tokenizer"))
+        unet = _read_component(
+            path / "unet", lambda: UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
+        )
+        text_encoder = _read_component(
+            path / "text_encoder", lambda: CLIPTextModel.from_pretrained(path / "text_encoder").to(dtype)
+        )
+        tokenizer = _read_component(
+            path / "tokenizer", lambda: _load_tokenizer(path / "tokenizer", index.get("tokenizer"))
+        )
         has_vae = (path / "vae").is_dir()
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype) if has_vae else None
-        scheduler = load_ddpm_scheduler(path / "scheduler", latent=has_vae)
+        vae = (
+            _read_component(
+                path / "vae", lambda: AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
+            )
+            if has_vae
+            else None
+        )
+        scheduler = _read_component(
+            path / "scheduler", lambda: load_ddpm_scheduler(path / "scheduler", latent=has_vae)
+        )
         # Absent in pipelines not written here (e.g. Stable Diffusion): a latent model's text
         # encoder is a pretrained one and stays frozen, a pixel model's was trained from scratch.
         train_text_encoder = bool(index.get("train_text_encoder", not has_vae))
         return cls(unet, text_encoder, tokenizer, scheduler, vae, train_text_encoder=train_text_encoder)
+
+
+def _read_component(part: Path, read: Callable[[], T]) -> T:
+    """`read()`, with any failure (a truncated safetensors file, unreadable JSON, missing files) turned
+    into a CheckpointError that names the component and what to do."""
+    try:
+        return read()
+    except CheckpointError:
+        raise
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"Cannot load {part} ({type(error).__name__}: {reason}): the model folder {part.parent} is "
+            "damaged or incomplete (e.g. a truncated weights file from an interrupted copy or a full disk). "
+            "Copy or export the checkpoint again (train.py writes it to <run dir>/checkpoint; a released "
+            "pipeline can be downloaded again), then point model.path at it."
+        ) from error
 
 
 def _load_tokenizer(folder: Path, declared: list[str | None] | None = None) -> PreTrainedTokenizerBase:

@@ -5,6 +5,8 @@ diffusers-style checkpoint folder on the main process only."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from diffusion_attribution.data.base import CaptionedImageDataModule
 from diffusion_attribution.data.customization import CustomizationDataModule
@@ -24,8 +27,100 @@ from diffusion_attribution.training.callbacks import ProgressLogCallback, Sample
 from diffusion_attribution.training.customization import CustomDiffusionModule
 from diffusion_attribution.training.keyed import ExampleKeyedTrainingModule, keyed_train_dataloader
 from diffusion_attribution.training.module import DiffusionTrainingModule
+from diffusion_attribution.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "train_config.json"
+
+# Keys that may differ between a run and its resumption (where to resume from is not what is trained).
+RESUMABLE_DIFFERENCES = ("training.resume",)
+
+
+class RunDirectoryError(ValueError):
+    """A training run pointed at a run directory that holds another run's checkpoints."""
+
+
+def check_max_steps(cfg: DictConfig) -> None:
+    steps = cfg.training.get("max_steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(
+            f"training.max_steps={steps!r}: training needs at least one optimizer step (a positive "
+            "integer), or it would export an untrained checkpoint. Set training.max_steps=<steps>, e.g. "
+            "training.max_steps=4000."
+        )
+
+
+def _config_record(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the keys a resumption may change, and its sha256."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # interpolations that only resolve inside a Hydra app (${hydra:...})
+        plain = OmegaConf.to_container(cfg, resolve=False)
+    plain = json.loads(json.dumps(plain, default=str, sort_keys=True))
+    for dotted in RESUMABLE_DIFFERENCES:
+        *parents, leaf = dotted.split(".")
+        node = plain
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, "config": plain}
+
+
+def _flat_differences(old: Any, new: Any, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            name = f"{where}.{key}" if where else key
+            if key not in old:
+                out.append(f"{name}: (absent) -> {new[key]!r}")
+            elif key not in new:
+                out.append(f"{name}: {old[key]!r} -> (absent)")
+            else:
+                out += _flat_differences(old[key], new[key], name)
+        return out
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse a run directory that already holds checkpoints of a run with another config (it would be
+    overwritten); otherwise record this run's config in `<run_dir>/train_config.json`. The same config
+    (training.resume aside) may resume or redo its own run."""
+    record = _config_record(cfg)
+    record_path = run_dir / RUN_CONFIG_FILE
+    outputs = [run_dir / name for name in ("checkpoint", "checkpoints") if (run_dir / name).exists()]
+    fix = (
+        "Give this run its own directory (hydra.run.dir=<new folder>), or rerun with the config recorded "
+        f"there to resume it (training.resume={run_dir})."
+    )
+    if outputs:
+        if record_path.is_file():
+            try:
+                existing = json.loads(record_path.read_text())
+            except ValueError as error:
+                raise RunDirectoryError(
+                    f"{record_path} is not readable JSON ({error}): the run in {run_dir} cannot be "
+                    f"identified. {fix}"
+                ) from error
+            if existing.get("sha256") != record["sha256"]:
+                changed = _flat_differences(existing.get("config", {}), record["config"])
+                shown = "; ".join(changed[:12]) + (
+                    f"; ... ({len(changed) - 12} more)" if len(changed) > 12 else ""
+                )
+                raise RunDirectoryError(
+                    f"{run_dir} already holds {', '.join(p.name for p in outputs)} of a run with another "
+                    f"config (differs in: {shown or 'the config hash'}); refusing to overwrite it. {fix}"
+                )
+        else:
+            raise RunDirectoryError(
+                f"{run_dir} already holds {', '.join(p.name for p in outputs)} but no {RUN_CONFIG_FILE}, so "
+                f"the run that wrote them cannot be compared with this one; refusing to overwrite them. {fix}"
+            )
+    if rank_zero_only.rank == 0:  # every process checks; one writes (the others start with the same config)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record_path, json.dumps(record, indent=2, sort_keys=True))
 
 
 def resolve_resume(spec: str | None, run_dir: Path) -> str | None:
@@ -84,6 +179,8 @@ def train_model(cfg: DictConfig, run_dir: str | Path) -> Path:
     """train.py: data + model + DiffusionTrainingModule + Trainer, then the EMA weights as a checkpoint
     folder (with the resolved config) in the run directory."""
     run_dir = Path(run_dir)
+    check_max_steps(cfg)
+    claim_run_dir(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     datamodule: CaptionedImageDataModule = hydra.utils.instantiate(cfg.data)
@@ -147,6 +244,8 @@ def customize_model(cfg: DictConfig, run_dir: str | Path) -> Path:
     """`train.py experiment=customize`: Custom Diffusion on the base model, then the customized checkpoint
     folder (and its delta over the base, customization.safetensors) in the run directory."""
     run_dir = Path(run_dir)
+    check_max_steps(cfg)
+    claim_run_dir(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     cfg = resolve_regularization(cfg)
