@@ -10,7 +10,9 @@ Attribution scores are "higher = more influential" (removing the example raises 
 a subset holding more of the query's high-scored examples should give a *lower* loss: the prediction is
 correlated with −L. The score is averaged over queries (mean ± standard error).
 
-Outputs: lds.csv (method × query), subset_losses.csv (subset × query), lds.md, metrics.json, lds.png.
+Retraining settings: the `benchmark.retrain` node shared with leave-K-out (evaluation/retraining.py:
+RetrainSettings). Outputs: plan.md/plan.json, lds.csv (method × query), subset_losses.csv (subset ×
+query), lds.md, metrics.json, lds.png (and W&B with logger=wandb).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ sorted ids>`. So the same exclusion set asked for twice (by two queries, two met
 leave-K-out and LDS benchmarks) trains once; a finished retrain (its `retrain.json` written after the
 checkpoint) is reused; an interrupted one resumes from its `checkpoints/last.ckpt`. Retrains always
 run with `training.example_keyed_rng=true`: resumption is then exact, and a base model trained with it
-shares its random numbers with every retrain (modules/keyed_training.py).
+shares its random numbers with every retrain (training/keyed.py).
 
 Jobs are launched through the launcher of the evaluate.py run (`hydra/launcher=...`), the machinery
 `--multirun` uses: a generated primary config `retrain.yaml` in the recipe folder plus one override

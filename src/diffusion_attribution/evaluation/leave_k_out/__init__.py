@@ -15,8 +15,9 @@ does not depend on the query, so each set is retrained once and evaluated on eve
 the draws are averaged before the mean over queries). Results are means ± standard errors over
 queries, per method and K: results.csv (one row per query × method × K × draw), leave_k_out.md (a
 Table-1-style table), metrics.json, delta_loss_vs_k.png, before_after.png (and W&B tables/images with
-logger=wandb). `benchmark.dry_run=true` writes and prints the retrain plan with its estimated compute
-and stops.
+logger=wandb). Where and how to retrain is the `benchmark.retrain` node shared with LDS
+(conf/benchmark/retrain/default.yaml); `benchmark.retrain.dry_run=true` writes and prints the retrain plan
+with its estimated compute and stops.
 
 The package, one job per file: runs.py (the attribution runs and their queries), metrics.py (ΔL, ΔG and
 the image judges), plan.py (the retrains asked for), summary.py (means ± s.e. and the tables),
