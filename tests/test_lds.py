@@ -78,8 +78,8 @@ def test_lds_plans_one_retrain_per_subset_for_all_methods(shapes_cache: Path, tm
             "benchmark=lds",
             f"scores=[{runs[0]},{runs[1]}]",
             "benchmark.num_subsets=5",
-            "benchmark.dry_run=true",
-            "benchmark.seconds_per_step=0.1",
+            "benchmark.retrain.dry_run=true",
+            "benchmark.retrain.seconds_per_step=0.1",
         ],
         out,
     )
@@ -129,8 +129,8 @@ def test_lds_end_to_end_on_subset_retrains(shapes_cache: Path, tmp_path: Path) -
         "benchmark=lds",
         f"scores=[{runs[0]},{runs[1]}]",
         "benchmark.num_subsets=3",
-        f"benchmark.retrain_dir={tmp_path / 'retrains'}",
-        "benchmark.timestep_stride=100",
+        f"benchmark.retrain.dir={tmp_path / 'retrains'}",
+        "benchmark.retrain.timestep_stride=100",
     ]
     try:
         result = run_benchmark(compose_job("evaluate", overrides, out), out)

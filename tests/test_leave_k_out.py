@@ -1,4 +1,4 @@
-"""Leave-K-out retraining and evaluation (evaluation/retraining.py, evaluation/leave_k_out.py and the
+"""Leave-K-out retraining and evaluation (evaluation/retraining.py, evaluation/leave_k_out/ and the
 keyed training they rely on): the plan lists each retrain once, a retrain trains the same number of
 steps on exactly the remaining ids, finished retrains are reused and killed ones resume to the same
 weights, ΔL of a model against itself is exactly 0, the benchmark runs end to end through evaluate's
@@ -22,14 +22,15 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from diffusion_attribution.attribution.queries import build_queries
-from diffusion_attribution.evaluation import leave_k_out, retraining
-from diffusion_attribution.evaluation.leave_k_out import (
+from diffusion_attribution.evaluation import retraining
+from diffusion_attribution.evaluation.leave_k_out.metrics import (
+    ImageJudges,
     Reference,
     fixed_noise_loss,
-    load_attribution_runs,
     model_metrics,
-    plan_leave_k_out,
 )
+from diffusion_attribution.evaluation.leave_k_out.plan import plan_leave_k_out
+from diffusion_attribution.evaluation.leave_k_out.runs import load_attribution_runs
 from diffusion_attribution.evaluation.retraining import RetrainError, RetrainPlan, exclusion_key, recipe_hash
 from diffusion_attribution.jobs.evaluate import run_benchmark
 from diffusion_attribution.jobs.train import run_training
@@ -158,8 +159,8 @@ def test_dry_run_through_evaluate_at_paper_scale(tmp_path: Path) -> None:
     out = tmp_path / "eval"
     cfg = compose_job(
         "evaluate",
-        ["experiment=mscoco", "benchmark=leave_k_out", f"scores=[{run}]", "benchmark.dry_run=true",
-         f"benchmark.retrain_dir={tmp_path / 'retrains'}", f"data.root={coco}"],
+        ["experiment=mscoco", "benchmark=leave_k_out", f"scores=[{run}]", "benchmark.retrain.dry_run=true",
+         f"benchmark.retrain.dir={tmp_path / 'retrains'}", f"data.root={coco}"],
         out,
     )  # fmt: skip
     summary = run_benchmark(cfg, out)
@@ -167,7 +168,7 @@ def test_dry_run_through_evaluate_at_paper_scale(tmp_path: Path) -> None:
     random_draws = cfg.benchmark.random_draws
     assert summary["jobs"] == 2 * 3 + 3 * random_draws
     assert summary["steps_per_retrain"] == 184_824
-    hours = summary["jobs"] * 184_824 * cfg.benchmark.seconds_per_step / 3600
+    hours = summary["jobs"] * 184_824 * cfg.benchmark.retrain.seconds_per_step / 3600
     assert summary["estimated_hours"] == pytest.approx(hours)
     plan = json.loads((out / "plan.json").read_text())
     assert len(plan["jobs"]) == summary["jobs"] and not (tmp_path / "retrains").exists()  # nothing trained
@@ -262,7 +263,7 @@ def test_delta_loss_of_a_model_against_itself_is_zero(base_checkpoint: Path) -> 
     base_loss = fixed_noise_loss(model, query.latent, query.caption, 7, grid, batch_size=8)
     reference = Reference(base_loss, query.image)
     sampler = {"num_steps": 4, "guidance_scale": 3.0, "sampler": "ddim"}
-    judges = leave_k_out.ImageJudges(None, _Nothing(), "")
+    judges = ImageJudges(None, _Nothing(), "")
     same, image = model_metrics(
         model, query.latent, query.caption, 7, PROMPTS[0], 3, sampler, reference, judges, grid, 0, 8
     )
@@ -329,8 +330,8 @@ def test_leave_k_out_end_to_end_through_evaluate(
         f"scores=[{runs[0]},{runs[1]}]",
         "benchmark.k=[3]",
         "benchmark.random_draws=2",
-        f"benchmark.retrain_dir={tmp_path / 'retrains'}",
-        "benchmark.timestep_stride=100",
+        f"benchmark.retrain.dir={tmp_path / 'retrains'}",
+        "benchmark.retrain.timestep_stride=100",
         "benchmark.retention_prompts=['a red circle on a black background']",
         "benchmark.example_queries=2",
     ]

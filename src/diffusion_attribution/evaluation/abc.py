@@ -17,7 +17,6 @@ table when logger=wandb.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections import defaultdict
@@ -28,9 +27,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from diffusion_attribution.evaluation import report
 from diffusion_attribution.evaluation.retrieval import retrieval_metrics
-
-logger = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -126,18 +124,15 @@ def summarise(rows: list[dict[str, Any]], metric_names: Sequence[str]) -> tuple[
         by_type[(row["method"], "all")].append(row)
     summary = []
     for (method, kind), group in by_type.items():
-        values = {m: [r[m] for r in group] for m in metric_names}
+        stats = {m: report.mean_and_sem([r[m] for r in group]) for m in metric_names}
         summary.append(
             {
                 "method": method,
                 "concept_type": kind,
                 "num_concepts": len(group),
                 "num_queries": sum(r["num_queries"] for r in group),
-                **{m: float(np.mean(v)) for m, v in values.items()},
-                **{
-                    f"{m}_sem": float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
-                    for m, v in values.items()
-                },
+                **{m: mean for m, (mean, _) in stats.items()},
+                **{f"{m}_sem": sem for m, (_, sem) in stats.items()},
             }
         )
     order = {k: n for n, k in enumerate((*TYPE_ORDER, "all"))}
@@ -150,41 +145,37 @@ def _label(name: str) -> str:
 
 
 def markdown(concepts: list[dict], summary: list[dict], metric_names: Sequence[str]) -> str:
-    header = "| concepts | method | " + " | ".join(_label(m) for m in metric_names) + " |"
-    lines = [
-        "Mean over concepts (± s.e. over concepts); a concept's value is the mean over its queries.",
-        "",
-        header,
-        "|---|---|" + "---|" * len(metric_names),
+    labels = [_label(m) for m in metric_names]
+    by_type = [
+        [
+            f"{row['concept_type']} ({row['num_concepts']} concepts, {row['num_queries']} queries)",
+            row["method"],
+            *(report.format_mean_sem(row[m], row[m + "_sem"]) for m in metric_names),
+        ]
+        for row in summary
     ]
-    for row in summary:
-        cells = [f"{row[m]:.3f} ± {row[m + '_sem']:.3f}" for m in metric_names]
-        kind = f"{row['concept_type']} ({row['num_concepts']} concepts, {row['num_queries']} queries)"
-        lines.append(f"| {kind} | {row['method']} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Per concept:",
-        "",
-        "| concept | type | method | queries | " + " | ".join(_label(m) for m in metric_names) + " |",
-        "|---|---|---|---|" + "---|" * len(metric_names),
+    by_concept = [
+        [
+            row["concept"],
+            row["concept_type"],
+            row["method"],
+            row["num_queries"],
+            *(f"{row[m]:.3f}" for m in metric_names),
+        ]
+        for row in concepts
     ]
-    for row in concepts:
-        cells = [f"{row[m]:.3f}" for m in metric_names]
-        lines.append(
-            f"| {row['concept']} | {row['concept_type']} | {row['method']} | {row['num_queries']} | "
-            + " | ".join(cells)
-            + " |"
-        )
-    return "\n".join(lines) + "\n"
+    return (
+        "Mean over concepts (± s.e. over concepts); a concept's value is the mean over its queries.\n\n"
+        + report.markdown_table(["concepts", "method", *labels], by_type)
+        + "\n\nPer concept:\n\n"
+        + report.markdown_table(["concept", "type", "method", "queries", *labels], by_concept)
+        + "\n"
+    )
 
 
 def scatter_plot(summary: list[dict], x: str, y: str, path: Path) -> Path:
     """One point per method per concept type (the paper's Fig. 6 layout): `x` against `y`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     methods = sorted({r["method"] for r in summary})
     colours = {m: plt.get_cmap("tab10")(k % 10) for k, m in enumerate(methods)}
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -222,13 +213,6 @@ def scatter_plot(summary: list[dict], x: str, y: str, path: Path) -> Path:
     return path
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def run_abc_benchmark(
     cfg: DictConfig,
     run_dir: str | Path,
@@ -247,29 +231,19 @@ def run_abc_benchmark(
     if not rows:
         raise ValueError("No query in the given run directories has relevant_ids: nothing to evaluate.")
     concepts, summary = summarise(rows, metric_names)
-    _write_csv(run_dir / "abc_queries.csv", rows)
-    _write_csv(run_dir / "abc_concepts.csv", concepts)
-    _write_csv(run_dir / "abc_summary.csv", summary)
+    report.write_csv(run_dir / "abc_queries.csv", rows)
+    report.write_csv(run_dir / "abc_concepts.csv", concepts)
+    report.write_csv(run_dir / "abc_summary.csv", summary)
     table = markdown(concepts, summary, metric_names)
-    (run_dir / "abc.md").write_text(table)
+    report.write_text(run_dir / "abc.md", table)
     png = scatter_plot(summary, scatter[0], scatter[1], run_dir / "abc.png")
     result = {"runs": [str(d) for d in run_dirs], "summary": summary, "concepts": concepts}
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    _log_to_wandb(cfg, summary, png)
+    overall = next(r for r in summary if r["concept_type"] == "all")
+    report.with_headline(result, f"map/{overall['method']}", overall["ap"])
+    report.write_json(run_dir / "metrics.json", result)
+    report.log_to_wandb(cfg.get("logger"), tables={"abc/summary": summary}, images={"abc/scatter": png})
     print(table)
     log.info(
         "AbC evaluation of %d runs (%d queries): %s, %s", len(run_dirs), len(rows), run_dir / "abc.md", png
     )
     return result
-
-
-def _log_to_wandb(cfg: DictConfig, summary: list[dict], png: Path) -> None:
-    logger_cfg = cfg.get("logger")
-    if not logger_cfg or "Wandb" not in str(logger_cfg.get("_target_", "")):
-        return
-    import hydra
-
-    logger = hydra.utils.instantiate(logger_cfg)
-    logger.log_table("abc/summary", columns=list(summary[0]), data=[list(r.values()) for r in summary])
-    logger.log_image("abc/scatter", [str(png)])
-    logger.experiment.finish()

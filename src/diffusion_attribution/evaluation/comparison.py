@@ -14,7 +14,6 @@ comparison is refused.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections import Counter
@@ -22,13 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig
 
 from diffusion_attribution.data.base import CaptionedImageDataModule
+from diffusion_attribution.evaluation import report
 from diffusion_attribution.evaluation.retrieval import RetrievalResult, concept_index, evaluate_run
-
-logger = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -135,47 +132,35 @@ def _cell(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+def markdown_table(rows: list[dict[str, Any]]) -> str:
     heads = [head for _, head in TABLE_METRICS]
-    lines = [
-        "| method | " + " | ".join(heads) + " | prepare s | s / query | train side MB |",
-        "|---|" + "---|" * (len(heads) + 3),
-    ]
-    for row in rows:
-        metrics = [f"{row[key]:.3f} ± {row[f'{key}_sem']:.3f}" for key, _ in TABLE_METRICS]
-        costs = [
+    body = [
+        [
+            row["method"],
+            *(report.format_mean_sem(row[key], row[f"{key}_sem"]) for key, _ in TABLE_METRICS),
             _cell(row["prepare_s"], ".3g"),
             _cell(row["s_per_query"], ".3g"),
             _cell(row["train_side_mb"], ".1f"),
         ]
-        lines.append(f"| {row['method']} | " + " | ".join(metrics + costs) + " |")
-    return lines
+        for row in rows
+    ]
+    return report.markdown_table(["method", *heads, "prepare s", "s / query", "train side MB"], body)
 
 
 def comparison_figure(rows: list[dict[str, Any]], path: Path, num_queries: int) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [row["method"] for row in rows]
-    x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 + 1.3 * len(rows)), 3.8), sharey=True)
-    for ax, (key, head) in zip(axes, (("ap", "mAP"), ("precision@10", "Precision@10")), strict=True):
-        means, sems = [row[key] for row in rows], [row[f"{key}_sem"] for row in rows]
-        ax.bar(x, means, yerr=sems, capsize=4, color=f"C{0 if key == 'ap' else 1}")
-        for xi, m, e in zip(x, means, sems, strict=True):  # above the error bar
-            ax.text(xi, m + e + 0.02, f"{m:.2f}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(x)
-        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-        ax.set_title(head)
-        ax.set_ylim(0, 1.1)
-    axes[0].set_ylabel(f"mean ± s.e. over {num_queries} queries")
-    fig.suptitle("Attribution methods on the same queries")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return report.bar_chart(
+        path,
+        [row["method"] for row in rows],
+        {
+            head: ([row[key] for row in rows], [row[f"{key}_sem"] for row in rows])
+            for key, head in (("ap", "mAP"), ("precision@10", "Precision@10"))
+        },
+        ylabel=f"mean ± s.e. over {num_queries} queries",
+        suptitle="Attribution methods on the same queries",
+        ylim=(0, 1.1),
+        annotate=True,
+        figsize=(max(6.0, 1.6 + 1.3 * len(rows)), 3.8),
+    )
 
 
 def run_comparison(cfg: DictConfig, run_dir: str | Path, dirs: list[str]) -> dict[str, Any]:
@@ -186,38 +171,28 @@ def run_comparison(cfg: DictConfig, run_dir: str | Path, dirs: list[str]) -> dic
     check_same_queries(results, dirs)
     rows = comparison_rows(results, dirs)
 
-    with open(run_dir / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(run_dir / "comparison_per_query.csv", "w", newline="") as f:
-        per_query = [
-            {"method": row["method"], **q} for row, r in zip(rows, results, strict=True) for q in r.rows
-        ]
-        writer = csv.DictWriter(f, fieldnames=list(per_query[0]))
-        writer.writeheader()
-        writer.writerows(per_query)
+    report.write_csv(run_dir / "comparison.csv", rows)
+    report.write_csv(
+        run_dir / "comparison_per_query.csv",
+        [{"method": row["method"], **q} for row, r in zip(rows, results, strict=True) for q in r.rows],
+    )
     num_queries = len(results[0].rows)
-    lines = markdown_table(rows)
-    lines.append(
-        f"\n{num_queries} queries with ground truth; mean ± standard error over queries. Prepare: per-model "
+    table = markdown_table(rows)
+    note = (
+        f"{num_queries} queries with ground truth; mean ± standard error over queries. Prepare: per-model "
         "work (cached and reused by later runs); s / query: scoring time per query; train side: what the "
         "method keeps on disk for scoring."
     )
-    (run_dir / "comparison.md").write_text("\n".join(lines) + "\n")
+    report.write_text(run_dir / "comparison.md", f"{table}\n\n{note}\n")
     png = comparison_figure(rows, run_dir / "comparison.png", num_queries)
     summary = {"num_queries": num_queries, "methods": rows}
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    _log_to_wandb(cfg, rows, png)
-    log.info("Comparison of %d runs on %d queries:\n%s", len(rows), num_queries, "\n".join(lines[:-1]))
+    best = max(rows, key=lambda row: row["ap"])
+    report.with_headline(summary, f"map/{best['method']}", best["ap"])
+    report.write_json(run_dir / "metrics.json", summary)
+    report.log_to_wandb(
+        cfg.get("logger"),
+        tables={"retrieval/comparison": rows},
+        images={"retrieval/comparison_chart": png},
+    )
+    log.info("Comparison of %d runs on %d queries:\n%s", len(rows), num_queries, table)
     return summary
-
-
-def _log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], png: Path) -> None:
-    logger_cfg = cfg.get("logger")
-    if not logger_cfg or "Wandb" not in str(logger_cfg.get("_target_", "")):
-        return
-    logger = hydra.utils.instantiate(logger_cfg)
-    logger.log_table("retrieval/comparison", columns=list(rows[0]), data=[list(r.values()) for r in rows])
-    logger.log_image("retrieval/comparison_chart", [str(png)])
-    logger.experiment.finish()

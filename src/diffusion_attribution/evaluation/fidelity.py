@@ -8,8 +8,6 @@ appears unasked, a CSV of every image, a markdown table and a titled picture gri
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from dataclasses import dataclass
 from itertools import product
@@ -21,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from diffusion_attribution.data.shapes import ShapesDataModule, prompt_for
+from diffusion_attribution.evaluation import report
 from diffusion_attribution.evaluation.attribute_reader import NONE_CONCEPT, load_or_train_reader
 from diffusion_attribution.models.loading import model_from_config
 from diffusion_attribution.models.sampling import generate
@@ -94,19 +93,21 @@ def summarise(rows: list[dict[str, Any]], concepts: list[str]) -> dict[str, Any]
 
 
 def markdown_table(summary: dict[str, Any], reader_accuracy: dict[str, float]) -> str:
-    lines = ["| metric | value |", "|---|---|"]
-    for key in (*[f"{n}_accuracy" for n in ATTRIBUTES], "attribute_accuracy", "all_attributes_accuracy"):
-        lines.append(f"| {key} | {summary[key]:.3f} |")
-    lines.append(f"| rare_concept_hit_rate | {summary['rare_concept_hit_rate']:.3f} |")
-    lines.append(
-        f"| concepts recognised (hit rate > 0) | {summary['concepts_recognised']}/{summary['num_concepts']} |"
+    keys = (*[f"{n}_accuracy" for n in ATTRIBUTES], "attribute_accuracy", "all_attributes_accuracy")
+    rows = [[key, f"{summary[key]:.3f}"] for key in keys]
+    rows.append(["rare_concept_hit_rate", f"{summary['rare_concept_hit_rate']:.3f}"])
+    rows.append(
+        ["concepts recognised (hit rate > 0)", f"{summary['concepts_recognised']}/{summary['num_concepts']}"]
     )
-    lines.append(f"| unasked_concept_rate | {summary['unasked_concept_rate']:.3f} |")
-    lines += ["", "| concept | hit rate |", "|---|---|"]
-    lines += [f"| {c} | {v:.2f} |" for c, v in summary["per_concept_hit_rate"].items()]
+    rows.append(["unasked_concept_rate", f"{summary['unasked_concept_rate']:.3f}"])
+    concepts = [[c, f"{v:.2f}"] for c, v in summary["per_concept_hit_rate"].items()]
     reader = ", ".join(f"{k} {v:.3f}" for k, v in reader_accuracy.items())
-    lines += ["", f"Attribute reader accuracy on held-out real images: {reader}"]
-    return "\n".join(lines) + "\n"
+    return (
+        report.markdown_table(["metric", "value"], rows)
+        + "\n\n"
+        + report.markdown_table(["concept", "hit rate"], concepts)
+        + f"\n\nAttribute reader accuracy on held-out real images: {reader}\n"
+    )
 
 
 def run_fidelity_benchmark(
@@ -157,13 +158,10 @@ def run_fidelity_benchmark(
     summary["reader_heldout_accuracy"] = reader_accuracy
     summary["sampler"] = {"name": sampler, "num_steps": num_steps, "guidance_scale": guidance_scale}
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "fidelity.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (run_dir / "fidelity.md").write_text(markdown_table(summary, reader_accuracy))
+    report.with_headline(summary, "rare_concept_hit_rate", summary["rare_concept_hit_rate"])
+    report.write_csv(run_dir / "fidelity.csv", rows)
+    report.write_json(run_dir / "metrics.json", summary)
+    report.write_text(run_dir / "fidelity.md", markdown_table(summary, reader_accuracy))
     _write_grids(images, rows, run_dir)
     log.info("Fidelity: %s", {k: v for k, v in summary.items() if not isinstance(v, dict)})
     return summary

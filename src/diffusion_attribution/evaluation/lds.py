@@ -10,15 +10,15 @@ Attribution scores are "higher = more influential" (removing the example raises 
 a subset holding more of the query's high-scored examples should give a *lower* loss: the prediction is
 correlated with −L. The score is averaged over queries (mean ± standard error).
 
-Outputs: lds.csv (method × query), subset_losses.csv (subset × query), lds.md, metrics.json, lds.png.
+Retraining settings: the `benchmark.retrain` node shared with leave-K-out (evaluation/retraining.py:
+RetrainSettings). Outputs: plan.md/plan.json, lds.csv (method × query), subset_losses.csv (subset ×
+query), lds.md, metrics.json, lds.png (and W&B with logger=wandb).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,10 @@ import torch
 from omegaconf import DictConfig
 from torchmetrics.functional import spearman_corrcoef
 
-from diffusion_attribution.evaluation.leave_k_out import (
-    current_launcher,
-    fixed_noise_loss,
-    load_attribution_runs,
-    load_model,
-    load_queries,
-    loss_timesteps,
-    mean_and_sem,
-)
-from diffusion_attribution.evaluation.retraining import RetrainJob, RetrainPlan, random_exclusion
+from diffusion_attribution.evaluation import report
+from diffusion_attribution.evaluation.leave_k_out.metrics import fixed_noise_loss, loss_timesteps
+from diffusion_attribution.evaluation.leave_k_out.runs import load_attribution_runs, load_model, load_queries
+from diffusion_attribution.evaluation.retraining import RetrainJob, RetrainSettings, random_exclusion
 
 log = logging.getLogger(__name__)
 
@@ -80,32 +74,22 @@ def run_lds_benchmark(
     num_subsets: int = 32,
     subset_fraction: float = 0.5,
     seed: int = 0,
-    retrain_dir: str = ".cache/retrains",
-    retrain_overrides: Sequence[str] = (),
-    num_threads: int | None = None,
-    launch_batch_size: int | None = None,
-    dry_run: bool = False,
-    seconds_per_step: float | None = None,
-    timestep_stride: int = 5,
-    loss_batch_size: int = 256,
+    retrain: RetrainSettings | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    settings = RetrainSettings.coerce(retrain)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     runs = load_attribution_runs(scores)
     num_train = runs[0].scores.shape[1]
-    plan = RetrainPlan(
-        Path(str(runs[0].ranking.get("model"))), num_train, retrain_dir, retrain_overrides, num_threads
-    )
+    plan = settings.plan(Path(str(runs[0].ranking.get("model"))), num_train)
     masks = subset_masks(num_train, num_subsets, subset_fraction, seed)
     jobs: list[RetrainJob] = [
         plan.request(np.flatnonzero(~mask), benchmark="lds", subset=m) for m, mask in enumerate(masks)
     ]
-    listing = plan.describe(seconds_per_step)
-    (run_dir / "plan.md").write_text(listing)
-    print(listing)
-    if dry_run:
-        return plan.summary(seconds_per_step)
-    plan.launch(current_launcher(), launch_batch_size)
+    planned = settings.announce(plan, run_dir)
+    if settings.dry_run:
+        return report.with_headline(planned, "estimated_hours", planned["estimated_hours"])
+    settings.launch(plan)
 
     queries = load_queries(runs[0], {})
     loss_seed = int(cfg.get("seed", 0))
@@ -113,10 +97,10 @@ def run_lds_benchmark(
     timesteps: list[int] | None = None
     for m, job in enumerate(jobs):
         model = load_model(job.checkpoint)
-        timesteps = timesteps or loss_timesteps(model, timestep_stride)
+        timesteps = timesteps or loss_timesteps(model, settings.timestep_stride)
         for q in queries:
             losses[m, q.index] = fixed_noise_loss(
-                model, q.latent, q.caption, q.noise_key, timesteps, loss_seed, loss_batch_size
+                model, q.latent, q.caption, q.noise_key, timesteps, loss_seed, settings.loss_batch_size
             )
         log.info("LDS subset %d/%d: mean query loss %.5f", m + 1, len(jobs), losses[m].mean())
         del model
@@ -124,53 +108,64 @@ def run_lds_benchmark(
     rows, summary = [], {}
     for run in runs:
         per_query = linear_datamodeling_scores(run.scores, masks, losses)
-        mean, sem = mean_and_sem(per_query.tolist())
+        mean, sem = report.mean_and_sem(per_query.tolist())
         summary[run.method] = {"mean": mean, "sem": sem, "n": int(np.isfinite(per_query).sum())}
         rows += [
             {"method": run.method, "query": q.index, "caption": q.caption, "lds": float(v)}
             for q, v in zip(queries, per_query, strict=True)
         ]
-    with open(run_dir / "lds.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(run_dir / "subset_losses.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["subset", "exclusion", *[f"query_{q.index}" for q in queries]])
-        for m, job in enumerate(jobs):
-            writer.writerow([m, job.key, *losses[m].tolist()])
-    lines = [
+    report.write_csv(run_dir / "lds.csv", rows)
+    report.write_csv(
+        run_dir / "subset_losses.csv",
+        [
+            {
+                "subset": m,
+                "exclusion": job.key,
+                **{f"query_{q.index}": float(losses[m, n]) for n, q in enumerate(queries)},
+            }
+            for m, job in enumerate(jobs)
+        ],
+    )
+    table = report.markdown_table(
+        ["method", "LDS"], [[m, report.format_mean_sem(s["mean"], s["sem"])] for m, s in summary.items()]
+    )
+    text = (
         f"LDS over {num_subsets} random {subset_fraction:.0%} subsets ({plan.max_steps} steps per retrain), "
-        f"{len(queries)} queries; Spearman(summed scores, −loss), mean ± s.e. over queries.",
-        "",
-        "| method | LDS |",
-        "|---|---|",
-    ]
-    lines += [f"| {m} | {s['mean']:.3f} ± {s['sem']:.3f} |" for m, s in summary.items()]
-    (run_dir / "lds.md").write_text("\n".join(lines) + "\n")
+        f"{len(queries)} queries; Spearman(summed scores, −loss), mean ± s.e. over queries.\n\n{table}"
+    )
+    report.write_text(run_dir / "lds.md", text + "\n")
     result = {
         "num_subsets": num_subsets,
         "subset_fraction": subset_fraction,
         "num_queries": len(queries),
         "lds": summary,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    first = next(iter(summary))
+    report.with_headline(result, f"lds/{first}", summary[first]["mean"])
+    report.write_json(run_dir / "metrics.json", result)
     plot_lds(summary, run_dir / "lds.png")
-    print("\n".join(lines))
+    report.log_to_wandb(
+        cfg.get("logger"),
+        images={"lds/chart": run_dir / "lds.png"},
+        tables={"lds/per_query": rows},
+        metrics={f"lds/{m}": s["mean"] for m, s in summary.items()},
+    )
+    print(text)
     return result
 
 
 def plot_lds(summary: dict[str, dict[str, float]], path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 3))
     names = list(summary)
-    ax.bar(names, [summary[n]["mean"] for n in names], yerr=[summary[n]["sem"] for n in names], capsize=3)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_ylabel("LDS (Spearman)")
-    ax.set_title("Linear datamodeling score (mean ± s.e. over queries)", fontsize=9)
-    plt.setp(ax.get_xticklabels(), rotation=20, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return report.bar_chart(
+        path,
+        names,
+        {
+            "Linear datamodeling score (mean ± s.e. over queries)": (
+                [summary[n]["mean"] for n in names],
+                [summary[n]["sem"] for n in names],
+            )
+        },
+        ylabel="LDS (Spearman)",
+        zero_line=True,
+        figsize=(4.5, 3),
+    )

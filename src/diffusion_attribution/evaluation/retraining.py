@@ -11,7 +11,7 @@ sorted ids>`. So the same exclusion set asked for twice (by two queries, two met
 leave-K-out and LDS benchmarks) trains once; a finished retrain (its `retrain.json` written after the
 checkpoint) is reused; an interrupted one resumes from its `checkpoints/last.ckpt`. Retrains always
 run with `training.example_keyed_rng=true`: resumption is then exact, and a base model trained with it
-shares its random numbers with every retrain (modules/keyed_training.py).
+shares its random numbers with every retrain (training/keyed.py).
 
 Jobs are launched through the launcher of the evaluate.py run (`hydra/launcher=...`), the machinery
 `--multirun` uses: a generated primary config `retrain.yaml` in the recipe folder plus one override
@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_attribution.data.base import parse_id_list
+from diffusion_attribution.evaluation.report import markdown_table, write_json, write_text
 from diffusion_attribution.models.pipeline import CONFIG_FILE
 from diffusion_attribution.training.fit import train_model
 from diffusion_attribution.utils.atomic import atomic_write_text
@@ -151,6 +152,58 @@ class RetrainJob:
         return "new", 0
 
 
+@dataclass
+class RetrainSettings:
+    """How a retraining benchmark (leave-K-out, LDS) retrains and measures: the `benchmark.retrain`
+    node (conf/benchmark/retrain/default.yaml), shared by both."""
+
+    dir: str = ".cache/retrains"  # <dir>/<recipe hash>/<exclusion key>/: reused across runs and benchmarks
+    overrides: Sequence[str] = ()  # dotlist over the base's recipe (changes the recipe hash)
+    num_threads: int | None = None  # torch threads inside each retrain job (None: torch's default)
+    launch_batch_size: int | None = None  # jobs handed to the launcher at once (None: all)
+    dry_run: bool = False  # list the retrains and their estimated compute, train nothing
+    seconds_per_step: float | None = None  # compute estimate until a retrain of the recipe is timed
+    timestep_stride: int = 5  # the fixed-noise loss grid: timesteps 0, stride, 2·stride, ...
+    loss_batch_size: int = 256  # timesteps per forward pass of that loss
+
+    @classmethod
+    def coerce(cls, value: RetrainSettings | Mapping[str, Any] | None) -> RetrainSettings:
+        """The settings from an instance, a mapping (a config node without _target_) or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)  # type: ignore[assignment]
+        fields = {k: v for k, v in dict(value).items() if not str(k).startswith("_")}
+        return cls(**fields)
+
+    def plan(self, base_checkpoint: str | Path, num_examples: int) -> RetrainPlan:
+        return RetrainPlan(base_checkpoint, num_examples, self.dir, list(self.overrides), self.num_threads)
+
+    def announce(self, plan: RetrainPlan, run_dir: Path) -> dict[str, Any]:
+        """Write the plan (plan.md, plan.json) and print it; returns its summary."""
+        listing = plan.describe(self.seconds_per_step)
+        summary = plan.summary(self.seconds_per_step)
+        write_text(run_dir / "plan.md", listing)
+        write_json(run_dir / "plan.json", {"summary": summary, "jobs": plan.rows(self.seconds_per_step)})
+        print(listing)
+        return summary
+
+    def launch(self, plan: RetrainPlan) -> None:
+        """Train what is missing through the running evaluate.py job's launcher."""
+        plan.launch(current_launcher(), self.launch_batch_size)
+
+
+def current_launcher() -> DictConfig | None:
+    """The `hydra.launcher` node of the running evaluate.py job (None outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().launcher
+
+
 class RetrainPlan:
     """Every retrain a benchmark needs for one base model, de-duplicated by exclusion key."""
 
@@ -256,7 +309,7 @@ class RetrainPlan:
         """A markdown listing of the jobs and the estimated compute (what a dry run prints)."""
         s = self.summary(seconds_per_step)
         if s["seconds_per_step"] is None:
-            cost = "unknown: no retrain of this recipe has been timed yet; set benchmark.seconds_per_step"
+            cost = "unknown: no retrain of this recipe has been timed yet; set benchmark.retrain.seconds_per_step"
         else:
             cost = (
                 f"{s['estimated_hours']:.2f} h at {s['seconds_per_step']:.3g} s/step ({s['seconds_per_step_source']}),"
@@ -268,14 +321,21 @@ class RetrainPlan:
             f"{s['to_train']} to train ({s['steps_left']} steps). Estimated compute: {cost}.",
             f"Retrain folder: {s['retrain_root']}",
             "",
-            "| key | excluded | status | steps left | est. min | requested by |",
-            "|---|---|---|---|---|---|",
         ]
-        for r in self.rows(seconds_per_step):
-            est = "?" if r["estimated_s"] is None else f"{r['estimated_s'] / 60:.1f}"
-            lines.append(
-                f"| {r['key']} | {r['num_excluded']} | {r['status']} | {r['steps_left']} | {est} | {r['requested_by']} |"
-            )
+        rows = [
+            [
+                r["key"],
+                r["num_excluded"],
+                r["status"],
+                r["steps_left"],
+                "?" if r["estimated_s"] is None else f"{r['estimated_s'] / 60:.1f}",
+                r["requested_by"],
+            ]
+            for r in self.rows(seconds_per_step)
+        ]
+        lines.append(
+            markdown_table(["key", "excluded", "status", "steps left", "est. min", "requested by"], rows)
+        )
         return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------------------------------ files

@@ -1,5 +1,5 @@
-"""`evaluate.py benchmark=retrieval scores=<attribute run dir>`: how well a ranking retrieves the
-training images known to be responsible for a query.
+"""Retrieval metrics of a ranking against the training images known to be responsible for a query
+(used by benchmark=retrieval, the method comparison, AbC and leave-K-out's concept lookup).
 
 Ground truth comes from the data's metadata. A query record in ranking.json may list its
 `relevant_ids` itself (AbC-style exemplars); otherwise, when the training metadata has a `concept`
@@ -9,7 +9,6 @@ the concept its caption names. Queries without ground truth are skipped and repo
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -17,15 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torchmetrics.retrieval import RetrievalMAP, RetrievalPrecision, RetrievalRecall
 
 from diffusion_attribution.data.base import CaptionedImageDataModule
-
-logger = logging.getLogger(__name__)
+from diffusion_attribution.evaluation.report import mean_and_sem
 
 log = logging.getLogger(__name__)
 
@@ -148,62 +144,7 @@ def evaluate_run(
     rows = []
     for q, ids, metrics in zip(keep, relevant, per_query, strict=True):
         rows.append({"query": q, "caption": queries[q].get("caption"), "num_relevant": len(ids), **metrics})
-    names = list(per_query[0])
-    mean = {name: float(np.mean([r[name] for r in per_query])) for name in names}
-    sem = {
-        name: float(np.std([r[name] for r in per_query], ddof=1) / np.sqrt(len(per_query)))
-        if len(per_query) > 1
-        else 0.0
-        for name in names
-    }
+    mean, sem = {}, {}
+    for name in per_query[0]:
+        mean[name], sem[name] = mean_and_sem([r[name] for r in per_query])
     return RetrievalResult(ranking, rows, mean, sem)
-
-
-def run_retrieval_benchmark(
-    cfg: DictConfig, run_dir: str | Path, scores: str | list[str] | None = None
-) -> dict[str, Any]:
-    """One run directory: per-query metrics (retrieval.csv/.md, metrics.json). Several (a list):
-    the method comparison table (see evaluation/comparison.py)."""
-    if OmegaConf.is_config(scores):
-        scores = OmegaConf.to_container(scores, resolve=True)  # type: ignore[assignment]
-    if isinstance(scores, (list, tuple)):
-        if len(scores) > 1:
-            from diffusion_attribution.evaluation.comparison import run_comparison
-
-            return run_comparison(cfg, run_dir, [str(s) for s in scores])
-        scores = str(scores[0]) if scores else None
-    if not scores:
-        raise ValueError(
-            "benchmark=retrieval needs scores=<run directory of attribute.py> (holds scores.npy), or "
-            "scores='[<run dir>,<run dir>,...]' to compare methods."
-        )
-    datamodule: CaptionedImageDataModule = hydra.utils.instantiate(cfg.data)
-    result = evaluate_run(scores, datamodule, concept_index(datamodule))
-    rows, mean, sem, names = result.rows, result.mean, result.sem, result.metric_names
-    summary = result.summary()
-
-    run_dir = Path(run_dir)
-    with open(run_dir / "retrieval.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    lines = ["| query | caption | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    lines += [
-        f"| {r['query']} | {r['caption']} | " + " | ".join(f"{r[n]:.3f}" for n in names) + " |" for r in rows
-    ]
-    lines.append("| **mean ± s.e.** | | " + " | ".join(f"{mean[n]:.3f} ± {sem[n]:.3f}" for n in names) + " |")
-    (run_dir / "retrieval.md").write_text("\n".join(lines) + "\n")
-    _log_to_wandb(cfg, summary, rows)
-    log.info("Retrieval (%s, %d queries): %s", summary["method"], len(rows), mean)
-    return summary
-
-
-def _log_to_wandb(cfg: DictConfig, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    logger_cfg = cfg.get("logger")
-    if not logger_cfg or "Wandb" not in str(logger_cfg.get("_target_", "")):
-        return
-    logger = hydra.utils.instantiate(logger_cfg)
-    logger.log_metrics({f"retrieval/{k}": v for k, v in summary["mean"].items()})
-    logger.log_table("retrieval/per_query", columns=list(rows[0]), data=[list(r.values()) for r in rows])
-    logger.experiment.finish()
