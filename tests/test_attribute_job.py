@@ -376,6 +376,7 @@ def test_a_model_trained_on_other_words(world_overrides, tiny_model_settings, tm
     with pytest.raises(VocabularyMismatchError, match=r"does not know .* words in the data's captions"):
         run_attribution(cfg, run_dir)
     assert not (run_dir / "queries").exists() and not (tmp_path / "cache").exists()
+    assert not (run_dir / "attribution_run.json").exists()  # the run directory is left unclaimed
 
 
 def test_data_other_than_the_models_training_data(checkpoint, world_overrides, tmp_path: Path) -> None:
@@ -389,6 +390,7 @@ def test_data_other_than_the_models_training_data(checkpoint, world_overrides, t
     ):
         run_attribution(cfg, run_dir)
     assert not (run_dir / "queries").exists() and not (tmp_path / "cache").exists()
+    assert not (run_dir / "attribution_run.json").exists()  # the run directory is left unclaimed
 
 
 def test_a_checkpoint_older_than_a_data_setting_was_trained_with_its_default(tmp_path: Path) -> None:
@@ -416,8 +418,14 @@ def test_a_checkpoint_older_than_a_data_setting_was_trained_with_its_default(tmp
     ],
 )
 def test_bad_method_settings_fail_before_any_work(
-    checkpoint, world_overrides, tmp_path: Path, override: str, message: str
+    checkpoint, world_overrides, monkeypatch, tmp_path: Path, override: str, message: str
 ) -> None:
+    from diffusion_attribution.jobs import attribute as job
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the method's settings were checked")
+
+    monkeypatch.setattr(job, "model_from_config", no_model)
     run_dir = tmp_path / "run"
     cfg = attribute_cfg(
         checkpoint, world_overrides, run_dir, f"query.prompts=['{PROMPT}']", *FAST_METHOD, *override.split()
@@ -426,6 +434,7 @@ def test_bad_method_settings_fail_before_any_work(
         run_attribution(cfg, run_dir)
     assert isinstance(error.value.__cause__, ValueError)
     assert not (run_dir / "queries").exists() and not (tmp_path / "cache").exists()
+    assert not (run_dir / "attribution_run.json").exists()  # the run directory is left unclaimed
 
 
 def test_an_unknown_curvature_lists_the_options(tmp_path: Path) -> None:
@@ -434,3 +443,73 @@ def test_an_unknown_curvature_lists_the_options(tmp_path: Path) -> None:
     with pytest.raises(MissingConfigException, match="(?s)adam.*diagonal.*ekfac.*identity.*newton"):
         compose_job("attribute", ["model.path=x", "method/curvature=adam"], tmp_path / "run")
     HydraConfig.instance().cfg = None
+
+
+# ----------------------------------------------------------------------- subsets and the run's metric
+def test_a_subset_of_ids_scores_as_the_full_run(
+    checkpoint, world_overrides, datamodule, tmp_path: Path
+) -> None:
+    """score_ids: unlearning sweeps only those ids, their scores are the full run's, the rest rank below."""
+    (image,), (caption,) = write_training_images(datamodule, [7], tmp_path / "images")
+    query = [f"query.images=['{image}']", f"query.captions=['{caption}']", "method.step_size=1e-3"]
+    full = run_attribution(
+        attribute_cfg(checkpoint, world_overrides, tmp_path / "full", *query, *FAST_METHOD), tmp_path / "full"
+    )
+    HydraConfig.instance().cfg = None
+    subset = [3, 7, 12, 40, 41, 60, 77]
+    run_dir = tmp_path / "subset"
+    cfg = attribute_cfg(
+        checkpoint, world_overrides, run_dir, *query, *FAST_METHOD, f"score_ids={json.dumps(subset)}"
+    )
+    calls: list[int] = []
+    inner = loss_sweep.per_sample_losses
+
+    def counted(model, dataset, ids, *args, **kwargs):
+        calls.extend(int(i) for i in ids)
+        return inner(model, dataset, ids, *args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(loss_sweep, "per_sample_losses", counted)
+    try:
+        scores = run_attribution(cfg, run_dir)
+    finally:
+        mp.undo()
+    assert sorted(set(calls)) == subset  # the before- and after-sweeps covered only the subset
+    np.testing.assert_allclose(scores[:, subset], full[:, subset], rtol=0, atol=1e-6)
+    rest = np.setdiff1d(np.arange(NUM_EXAMPLES), subset)
+    assert np.isfinite(scores).all() and scores[0, rest].max() < scores[0, subset].min()
+    ranking = json.loads((run_dir / "ranking.json").read_text())
+    assert ranking["score_ids"] == subset
+    assert {t["id"] for t in ranking["queries"][0]["top_k"]} <= set(subset)
+
+
+def test_main_returns_the_map_of_queries_with_ground_truth(
+    checkpoint, world_overrides, datamodule, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    from diffusion_attribution.evaluation.retrieval import retrieval_metrics
+
+    spec = importlib.util.spec_from_file_location("attribute_app", Path(__file__).parents[1] / "attribute.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+
+    (image,), (caption,) = write_training_images(datamodule, [7], tmp_path / "images")
+    relevant = [7, 8, 30]
+    run_dir = tmp_path / "run"
+    cfg = attribute_cfg(
+        checkpoint,
+        world_overrides,
+        run_dir,
+        f"query.images=['{image}']",
+        f"query.captions=['{caption}']",
+        f"query.relevant_ids=[{json.dumps(relevant)}]",
+        *FAST_METHOD,
+        "method.step_size=1e-3",
+    )
+    metric = app.main(cfg)  # Hydra's passthrough: the task function on this config, in this process
+    scores = np.load(run_dir / "scores.npy")
+    (expected,) = retrieval_metrics(scores, [np.array(relevant)], precision_at=(10,), recall_at=(10,))
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert isinstance(metric, float) and metric == pytest.approx(expected["ap"]) == saved["map"]
+    assert saved["recall@10"] == pytest.approx(expected["recall@10"]) and saved["num_queries"] == 1

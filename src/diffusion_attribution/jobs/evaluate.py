@@ -14,7 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
-def run_benchmark(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def headline_metric(summary: Any) -> float | None:
+    """A benchmark summary's headline metric (its "metric" entry), what evaluate.py returns to a
+    sweeper; None for summaries without one."""
+    if isinstance(summary, dict) and summary.get("metric") is not None:
+        return float(summary["metric"])
+    return None
+
+
+def run_benchmark(cfg: DictConfig, run_dir: str | Path) -> Any:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed)

@@ -125,7 +125,14 @@ class UnlearningAttributor(Attributor):
             count_parameters(self.selected),
             len(self.selected),
         )
-        self.all_ids = np.arange(datamodule.num_examples)
+        self.num_examples = datamodule.num_examples
+        # The ids the loss sweeps cover: every example, or the run's chosen subset (score_ids); the
+        # curvature is fitted over the whole training set either way.
+        self.all_ids = (
+            np.arange(datamodule.num_examples)
+            if context.candidate_ids is None
+            else np.asarray(context.candidate_ids, dtype=np.int64)
+        )
         self.train_ids = np.asarray(datamodule.train_ids)
         self.sweep_config = self._sweep_config(model, datamodule, context.seed)
         self.identity = {"model": model_fingerprint(model), "data": data_fingerprint(datamodule)}
@@ -158,7 +165,11 @@ class UnlearningAttributor(Attributor):
             curvature.validate(self.selected)
         self.timing = {"curvature_s": time.perf_counter() - started}
         started = time.perf_counter()
-        sweep_key = hash_json([self.identity, self.sweep_config.to_dict()])
+        sweep_key = hash_json(
+            [self.identity, self.sweep_config.to_dict()]
+            if context.candidate_ids is None  # the full sweep keeps the key it always had
+            else [self.identity, self.sweep_config.to_dict(), self.all_ids.tolist()]
+        )
         self.cached_paths = [curvature_path, cache / "sweeps" / sweep_key]
         self.before = run_loss_sweep(
             model,
@@ -223,7 +234,8 @@ class UnlearningAttributor(Attributor):
 
     # --------------------------------------------------------------------------------- score
     def score(self, queries: list[Query]) -> np.ndarray:
-        scores = np.zeros((len(queries), len(self.all_ids)), dtype=np.float32)
+        # Columns outside self.all_ids (a chosen subset) stay 0 here; the job masks them (mask_unscored).
+        scores = np.zeros((len(queries), self.num_examples), dtype=np.float32)
         device = self.model.device
         for k, query in enumerate(queries):
             started = time.perf_counter()
@@ -271,7 +283,7 @@ class UnlearningAttributor(Attributor):
                     f"Query {k}: non-finite scores after unlearning (loss before {record.loss_before}, after "
                     f"{record.loss_after}). Lower method.step_size (or method.target_loss_rise) or raise method.curvature.damping."
                 )
-            scores[k] = query_scores.numpy()
+            scores[k, self.all_ids] = query_scores.numpy()
             delta = (after - self.before).nanmean(dim=1).mean(dim=-1)
             self.query_records.append(
                 {

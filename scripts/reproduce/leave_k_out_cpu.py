@@ -1,6 +1,6 @@
 """The leave-K-out quality figure on the affordable CPU world (experiment=leave_k_out_cpu), end to end:
 
-    python benchmarks/leave_k_out_cpu.py [--base <checkpoint>] [--methods unlearning dtrak pixel]
+    python scripts/reproduce/leave_k_out_cpu.py [--base <checkpoint>] [--methods unlearning dtrak pixel]
         [--k 6 12] [--random-draws 3] [--out DIR] [--threads 1] [-- evaluate.py overrides]
 
 1. trains the preset's base model (`train.py experiment=leave_k_out_cpu`) unless --base is given;
@@ -27,13 +27,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from diffusion_attribution.data.shapes import prompt_for
+from diffusion_attribution.jobs.commands import run_project_command
 
-from project_commands import run_project_command as run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]  # the repository root, where the entry points are
 
-from diffusion_attribution.data.shapes import prompt_for  # noqa: E402
+
+def run(args: list[str], threads: int | None = None, done: Path | None = None) -> float:
+    return run_project_command(args, ROOT, threads, done=done)
+
 
 PRESET = "experiment=leave_k_out_cpu"
 

@@ -1,6 +1,6 @@
 """The issue-4 quality figure: rare-concept queries attributed by several methods, scored by retrieval.
 
-    python benchmarks/rare_concept_retrieval.py <checkpoint> [--methods unlearning pixel random]
+    python scripts/reproduce/rare_concept_retrieval.py <checkpoint> [--methods unlearning pixel random]
         [--seeds 0] [--drawn-only] [--out DIR] [-- attribute.py overrides, e.g. method.step_size=1e-4]
 
 For every rare concept of the checkpoint's embedded world it prompts "a <concept> <colour> <shape> on a
@@ -25,17 +25,15 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from diffusion_attribution.attribution.checks import LOADER_ONLY_DATA_KEYS, with_constructor_defaults
+from diffusion_attribution.data.shapes import BACKGROUNDS, COLOURS, SHAPES, prompt_for
+from diffusion_attribution.jobs.commands import run_project_command
 
-from project_commands import run_project_command as run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]  # the repository root, where the entry points are
 
-from diffusion_attribution.data.shapes import BACKGROUNDS, COLOURS, SHAPES, prompt_for  # noqa: E402
-from diffusion_attribution.jobs.attribute import (  # noqa: E402
-    LOADER_ONLY_DATA_KEYS,
-    with_constructor_defaults,
-)
+
+def run(args: list[str]) -> float:
+    return run_project_command(args, ROOT)
 
 
 def data_overrides(checkpoint: Path) -> tuple[list[str], list[str]]:
@@ -79,23 +77,29 @@ def concept_prompts(
 
 
 def drawn_concept_prompts(
-    checkpoint: Path, concepts: list[str], first_seed: int
+    checkpoint: Path, concepts: list[str], first_seed: int, tries: int = 24
 ) -> tuple[list[str], list[int]]:
-    """The prompts of `concept_prompts(concepts, [first_seed])`, each with the first seed from
-    `first_seed` whose image shows its concept (unlearning_calibration.drawn_queries draws the same
-    prompts from the same generator); a concept never drawn is left out, and said so."""
-    from unlearning_calibration import drawn_queries
-
+    """The prompts of `concept_prompts(concepts, [first_seed])`, each with the first of `tries` seeds
+    from `first_seed` whose image the attribute reader sees its concept in; a concept never drawn is
+    left out, and said so."""
     from diffusion_attribution.evaluation.attribute_reader import load_or_train_reader
     from diffusion_attribution.models.pipeline import TextToImageModel
+    from diffusion_attribution.models.sampling import generate
 
     reader, _ = load_or_train_reader(checkpoint_datamodule(checkpoint).world, ROOT / ".cache" / "data")
     model = TextToImageModel.from_pretrained(checkpoint).eval()
-    chosen = drawn_queries(model, concepts, reader, first_seed)
-    expected = dict(zip(concepts, concept_prompts(concepts, [first_seed])[0], strict=True))
-    assert all(expected[concept] == prompt for concept, prompt, _, _ in chosen)
-    print("drawn queries:", [(prompt, seed) for _, prompt, seed, _ in chosen], flush=True)
-    return [prompt for _, prompt, _, _ in chosen], [seed for _, _, seed, _ in chosen]
+    prompts, seeds = [], []
+    for concept, prompt in zip(concepts, concept_prompts(concepts, [first_seed])[0], strict=True):
+        candidates = list(range(first_seed, first_seed + tries))
+        samples = generate(model, [prompt] * tries, candidates, num_steps=30, guidance_scale=3.0)
+        seen = [read["concept"] for read in reader.read(samples.images)]
+        if concept in seen:
+            prompts.append(prompt)
+            seeds.append(candidates[seen.index(concept)])
+        else:
+            print(f"{concept}: not drawn in {tries} seeds; skipped", flush=True)
+    print("drawn queries:", list(zip(prompts, seeds, strict=True)), flush=True)
+    return prompts, seeds
 
 
 def main() -> None:
@@ -113,7 +117,7 @@ def main() -> None:
         "the attribute reader sees the asked concept in (a query without its concept has no ground truth)",
     )
     # Everything after "--" goes to attribute.py for the unlearning runs (method=unlearning*, e.g.
-    # method.damping=1).
+    # method.curvature.damping=1).
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -130,7 +134,12 @@ def main() -> None:
         prompts, seeds = drawn_concept_prompts(checkpoint, concepts, args.seeds[0])
     else:
         prompts, seeds = concept_prompts(concepts, args.seeds)
-    query = [f"query.prompts={json.dumps(prompts)}", f"query.seeds={json.dumps(seeds)}"]
+    query = [
+        f"query.prompts={json.dumps(prompts)}",
+        f"query.seeds={json.dumps(seeds)}",
+        # each prompt's concept: attribute.py also writes metrics.json (retrieval mAP) for the run
+        f"query.concepts={json.dumps([p.split()[1] for p in prompts])}",
+    ]
 
     results: dict[str, dict] = {}
     for method in args.methods:
