@@ -68,10 +68,10 @@ def projection_rate(shapes: dict, dim: int, batch: int) -> float:
 def coco_gradient_seconds(batch: int) -> tuple[float, int]:
     from diffusers import UNet2DConditionModel
 
-    from diffusion_attribution.models.coco_ldm import COCO_UNET
-
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        coco = compose("train", overrides=["model=coco_ldm"]).model
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**COCO_UNET, sample_size=16).eval()
+    unet = UNet2DConditionModel(**coco.unet, sample_size=16).eval()
     params = select_parameters(unet, "kv")
     noisy = torch.randn(batch, 4, 16, 16)
     text = torch.randn(batch, 77, 1024)

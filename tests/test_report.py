@@ -83,3 +83,11 @@ def test_wandb_logging_is_chosen_by_logger_class(tmp_path: Path) -> None:
         ("image", ("x/plot", [str(tmp_path / "a.png")])),
         ("finish", None),
     ]
+
+
+def test_evaluate_returns_the_summarys_headline() -> None:
+    from diffusion_attribution.evaluation.report import with_headline
+    from diffusion_attribution.jobs.evaluate import headline_metric
+
+    assert headline_metric(with_headline({"rows": 3}, "map", 0.25)) == 0.25
+    assert headline_metric({"rows": 3}) is None and headline_metric(None) is None

@@ -1,4 +1,4 @@
-"""The sharded, resumable sweeps (modules/sharded_sweep.py): the per-sample losses and the Fisher do
+"""The sharded, resumable sweeps (compute/sharded.py, objective/sweep.py): the per-sample losses and the Fisher do
 not depend on batch size, shard size or process count, a sweep killed mid-way resumes computing only
 the missing shards, and a folder holding another run's shards is refused (one that differs only in its
 shard size is resumed in its own)."""

@@ -156,7 +156,7 @@ def main() -> None:
         runs.append(str(run_dir))
     options = [f"benchmark.k={json.dumps(args.k)}"] if args.k else []
     options += [f"benchmark.random_draws={args.random_draws}"] if args.random_draws is not None else []
-    dry_run = any(o.startswith("benchmark.dry_run=true") for o in extra)
+    dry_run = any(o.startswith("benchmark.retrain.dry_run=true") for o in extra)
     lko_dir = out / ("leave_k_out_plan" if dry_run else "leave_k_out")
     walls["leave_k_out"] = run(
         ["evaluate.py", PRESET, "benchmark=leave_k_out", f"scores=[{','.join(runs)}]", *options, *extra,

@@ -1,6 +1,6 @@
 """What an attribution run writes: scores.npy (float32 [num_queries, num_examples]), ranking.json
 (each query with its top-k training examples, the method's settings and diagnostics), ranking.png
-(each query next to its top images) and, with logger=wandb, the figure and a top-k table."""
+(each query next to its top images); jobs/attribute.py sends them to W&B with logger=wandb."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -47,8 +45,7 @@ def write_outputs(
     timing: dict[str, float],
     score_ids: np.ndarray | None = None,
 ) -> Path:
-    """scores.npy, ranking.json and ranking.png in `run_dir` (and W&B with logger=wandb); returns the
-    figure's path."""
+    """scores.npy, ranking.json and ranking.png in `run_dir`; returns the figure's path."""
     top_k = int(cfg.top_k)
     save_scores(run_dir / "scores.npy", scores)
     source = datamodule.source
@@ -81,7 +78,6 @@ def write_outputs(
     )
     log.info("Wrote %s, ranking.json and %s", run_dir / "scores.npy", png)
     print(f"Ranking: {png}")
-    log_to_wandb(cfg, png, records)
     return png
 
 
@@ -106,18 +102,3 @@ def ranking_figure(
     return titled_grid(
         torch.stack(images), titles, path, ncol=ncol, suptitle="query | top training images (id, score)"
     )
-
-
-def log_to_wandb(cfg: DictConfig, png: Path, records: list[dict[str, Any]]) -> None:
-    logger_cfg = cfg.get("logger")
-    if not logger_cfg or "Wandb" not in str(logger_cfg.get("_target_", "")):
-        return
-    import wandb
-
-    logger = hydra.utils.instantiate(logger_cfg)
-    logger.log_image("ranking", [str(png)])
-    rows = [
-        [q, r["caption"], t["id"], t["score"], t["file"]] for q, r in enumerate(records) for t in r["top_k"]
-    ]
-    logger.log_table("ranking/top_k", columns=["query", "caption", "id", "score", "file"], data=rows)
-    wandb.finish()

@@ -89,7 +89,7 @@ def linear_blocks(unet: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[s
         raise ValueError(
             f"EK-FAC covers Linear layers only, but {len(other)} selected parameters are not a Linear "
             f"layer's weight or bias (e.g. {other[:3]}). Use method.params=kv, cross_attn or attn with "
-            "method.update=ekfac, or method.update=fisher (the diagonal Fisher) for these weights."
+            "method/curvature=ekfac, or method/curvature=diagonal (the diagonal Fisher) for these weights."
         )
     orphans = sorted(set(biases) - set(weights))
     if orphans:

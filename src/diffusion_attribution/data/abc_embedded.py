@@ -260,7 +260,7 @@ class AbcEmbeddedDataModule(CaptionedImageDataModule):
         path = self.root / "benchmark.json"
         if not path.is_file():
             raise DataError(
-                f"{path} does not exist: data.root must be a benchmark built by benchmarks/abc_embedded.py "
+                f"{path} does not exist: data.root must be a benchmark built by scripts/reproduce/abc_embedded.py "
                 "(or evaluation.abc_embedded_build.build_abc_embedded)."
             )
         return json.loads(path.read_text())

@@ -74,7 +74,7 @@ class AbcEmbeddedSettings:
     # All weights at lr 3e-4 for 400 steps draw stars, arrows and sepia pictures (lr 3e-3 destroys the
     # model). The regularisation images (the base training set) keep the rest of the world drawn.
     steps: int = 400
-    params: str = "all"  # the UNet weights that train (methods/weight_subsets.py); kv: Custom Diffusion
+    params: str = "all"  # the UNet weights that train (models/weight_subsets.py); kv: Custom Diffusion
     batch_size: int = 6
     regularization_batch_size: int = 6
     regularization_size: int | None = None  # None: the whole base training set

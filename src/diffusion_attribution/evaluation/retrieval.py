@@ -148,3 +148,40 @@ def evaluate_run(
     for name in per_query[0]:
         mean[name], sem[name] = mean_and_sem([r[name] for r in per_query])
     return RetrievalResult(ranking, rows, mean, sem)
+
+
+def query_retrieval_metrics(
+    scores: np.ndarray,
+    records: list[dict[str, Any]],
+    datamodule: CaptionedImageDataModule,
+    score_ids: np.ndarray | None = None,
+) -> dict[str, Any] | None:
+    """Retrieval mAP, Recall@10 and Precision@10 over the queries that carry ground truth
+    (`query.relevant_ids`, or a `query.concepts` entry the data's metadata resolves), or None when none
+    does. With `score_ids` they are measured within the scored subset (higher than over the whole
+    training set: compare settings, not numbers)."""
+    labelled = [k for k, r in enumerate(records) if r.get("relevant_ids") is not None or r.get("concept")]
+    if not labelled:
+        return None
+    concepts = concept_index(datamodule) if any(records[k].get("concept") for k in labelled) else {}
+    columns = np.arange(scores.shape[1]) if score_ids is None else score_ids
+    rows, relevant = [], []
+    for k in labelled:
+        ids = relevant_ids_for({key: records[k].get(key) for key in ("relevant_ids", "concept")}, concepts)
+        ids = np.intersect1d(ids if ids is not None else [], columns)
+        if len(ids) == 0:
+            log.warning("Query %d names no relevant id among the scored ones: left out of the metrics.", k)
+            continue
+        rows.append(k)
+        relevant.append(np.searchsorted(columns, ids))
+    if not rows:
+        return None
+    per_query = retrieval_metrics(scores[rows][:, columns], relevant, precision_at=(10,), recall_at=(10,))
+    return {
+        "map": float(np.mean([m["ap"] for m in per_query])),
+        "recall@10": float(np.mean([m["recall@10"] for m in per_query])),
+        "precision@10": float(np.mean([m["precision@10"] for m in per_query])),
+        "num_queries": len(rows),
+        "over": "all" if score_ids is None else f"score_ids ({len(columns)} ids)",
+        "per_query": [{"query": k, **m} for k, m in zip(rows, per_query, strict=True)],
+    }

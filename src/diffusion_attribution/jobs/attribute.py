@@ -29,9 +29,10 @@ from diffusion_attribution.attribution.checks import (  # noqa: F401  (re-export
     with_constructor_defaults,
 )
 from diffusion_attribution.attribution.outputs import write_outputs
-from diffusion_attribution.attribution.queries import Query, build_queries
+from diffusion_attribution.attribution.queries import build_queries
 from diffusion_attribution.data.base import CaptionedImageDataModule, parse_id_list
-from diffusion_attribution.evaluation.retrieval import concept_index, relevant_ids_for, retrieval_metrics
+from diffusion_attribution.evaluation.report import log_to_wandb
+from diffusion_attribution.evaluation.retrieval import query_retrieval_metrics
 from diffusion_attribution.models.loading import model_from_config
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def attribute(cfg: DictConfig, run_dir: str | Path) -> AttributionResult:
     datamodule: CaptionedImageDataModule = hydra.utils.instantiate(cfg.data)
     score_ids = chosen_ids(cfg, datamodule.num_examples)
     check_training_data(cfg.model.get("path"), cfg.data)
-    model = model_from_config(cfg.model)
+    model = model_from_config(cfg.model, require_path=True)
     model.to("cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu").eval()
     check_vocabulary(model, datamodule.source.all_captions())
     # Claimed only once the inputs are known to be good: a run that fails on a bad model path or
@@ -112,8 +113,9 @@ def attribute(cfg: DictConfig, run_dir: str | Path) -> AttributionResult:
     timing = {"prepare_s": prepared - started, "score_s": time.perf_counter() - prepared}
     metrics = None
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
-        write_outputs(run_dir, scores, queries, attributor, datamodule, cfg, timing, score_ids)
-        metrics = query_retrieval_metrics(scores, queries, datamodule, score_ids)
+        png = write_outputs(run_dir, scores, queries, attributor, datamodule, cfg, timing, score_ids)
+        log_ranking_to_wandb(cfg, png, run_dir)
+        metrics = query_retrieval_metrics(scores, [q.record() for q in queries], datamodule, score_ids)
         if metrics is not None:
             (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
             log.info("Retrieval mAP %.4f, Recall@10 %.4f", metrics["map"], metrics["recall@10"])
@@ -121,39 +123,13 @@ def attribute(cfg: DictConfig, run_dir: str | Path) -> AttributionResult:
     return AttributionResult(scores, metrics)
 
 
-def query_retrieval_metrics(
-    scores: np.ndarray,
-    queries: list[Query],
-    datamodule: CaptionedImageDataModule,
-    score_ids: np.ndarray | None = None,
-) -> dict[str, Any] | None:
-    """Retrieval mAP, Recall@10 and Precision@10 over the queries that carry ground truth
-    (`query.relevant_ids`, or a `query.concepts` entry the data's metadata resolves), or None when none
-    does. With `score_ids` they are measured within the scored subset (higher than over the whole
-    training set: compare settings, not numbers)."""
-    records = [q.record() for q in queries]
-    labelled = [k for k, r in enumerate(records) if r.get("relevant_ids") is not None or r.get("concept")]
-    if not labelled:
-        return None
-    concepts = concept_index(datamodule) if any(records[k].get("concept") for k in labelled) else {}
-    columns = np.arange(scores.shape[1]) if score_ids is None else score_ids
-    rows, relevant = [], []
-    for k in labelled:
-        ids = relevant_ids_for({key: records[k].get(key) for key in ("relevant_ids", "concept")}, concepts)
-        ids = np.intersect1d(ids if ids is not None else [], columns)
-        if len(ids) == 0:
-            log.warning("Query %d names no relevant id among the scored ones: left out of the metrics.", k)
-            continue
-        rows.append(k)
-        relevant.append(np.searchsorted(columns, ids))
-    if not rows:
-        return None
-    per_query = retrieval_metrics(scores[rows][:, columns], relevant, precision_at=(10,), recall_at=(10,))
-    return {
-        "map": float(np.mean([m["ap"] for m in per_query])),
-        "recall@10": float(np.mean([m["recall@10"] for m in per_query])),
-        "precision@10": float(np.mean([m["precision@10"] for m in per_query])),
-        "num_queries": len(rows),
-        "over": "all" if score_ids is None else f"score_ids ({len(columns)} ids)",
-        "per_query": [{"query": k, **m} for k, m in zip(rows, per_query, strict=True)],
-    }
+def log_ranking_to_wandb(cfg: DictConfig, png: Path, run_dir: Path) -> None:
+    """With logger=wandb: the ranking figure and a table of every query's top k."""
+    ranking = json.loads((run_dir / "ranking.json").read_text())
+    rows = [
+        [q, r["caption"], t["id"], t["score"], t["file"]]
+        for q, r in enumerate(ranking["queries"])
+        for t in r["top_k"]
+    ]
+    columns = ["query", "caption", "id", "score", "file"]
+    log_to_wandb(cfg.get("logger"), images={"ranking": png}, tables={"ranking/top_k": (columns, rows)})

@@ -15,10 +15,11 @@ log = logging.getLogger(__name__)
 
 
 def headline_metric(summary: Any) -> float | None:
-    """A benchmark summary's headline metric (its "metric" entry), what evaluate.py returns to a
-    sweeper; None for summaries without one."""
-    if isinstance(summary, dict) and summary.get("metric") is not None:
-        return float(summary["metric"])
+    """A benchmark summary's headline metric (its "headline" entry, evaluation/report.py with_headline),
+    what evaluate.py returns to a sweeper; None for summaries without one."""
+    headline = summary.get("headline") if isinstance(summary, dict) else None
+    if isinstance(headline, dict) and headline.get("value") is not None:
+        return float(headline["value"])
     return None
 
 

@@ -129,6 +129,3 @@ def mask_to_latent(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Ten
         raise ValueError(f"mask_to_latent takes a 2-D mask [H, W]; got shape {tuple(mask.shape)}.")
     size = (size, size) if isinstance(size, int) else tuple(size)
     return F.interpolate(mask[None, None], size=size, mode="area")[0, 0]
-
-
-squared_error = per_example_loss  # TEMPORARY: evaluation/leave_k_out.py's name, until it takes diffusion_loss

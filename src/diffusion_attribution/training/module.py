@@ -79,7 +79,7 @@ class DiffusionTrainingModule(pl.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """The random draws of one step: noise, timesteps and the captions after caption dropout.
         Drawn from the global torch RNG here; a subclass may key them per example instead
-        (modules/keyed_training.py, for leave-K-out retrains that resume bit-exactly)."""
+        (training/keyed.py, for leave-K-out retrains that resume bit-exactly)."""
         noise = torch.randn_like(latents)
         timesteps = torch.randint(
             0, self.model.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device

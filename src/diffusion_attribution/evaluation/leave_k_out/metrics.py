@@ -15,10 +15,8 @@ from diffusion_attribution.data.base import CaptionedImageDataModule
 from diffusion_attribution.evaluation.leave_k_out.runs import LeaveKOutError
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.sampling import generate
-from diffusion_attribution.objective.loss import encode_captions, evaluation_mode, squared_error
-from diffusion_attribution.utils.seeding import keyed_randn
-
-QUERY_NOISE_STREAM = 301  # key prefix of the fixed ΔL noise (never shared with training draws)
+from diffusion_attribution.objective.loss import diffusion_loss, encode_captions, evaluation_mode
+from diffusion_attribution.utils.seeding import Stream, keyed_randn
 
 
 def loss_timesteps(model: TextToImageModel, stride: int = 5) -> list[int]:
@@ -48,15 +46,13 @@ def fixed_noise_loss(
         for start in range(0, len(timesteps), batch_size):
             steps = list(timesteps[start : start + batch_size])
             noise = torch.stack(
-                [keyed_randn(model.latent_shape, seed, QUERY_NOISE_STREAM, key, t) for t in steps]
+                [keyed_randn(model.latent_shape, seed, Stream.QUERY_NOISE, key, t) for t in steps]
             )
             noise = noise.to(device, model.unet.dtype)
             latents = latent[None].to(device, model.unet.dtype).expand(len(steps), *latent.shape)
             t = torch.tensor(steps, dtype=torch.long, device=device)
-            pred = model.predict(
-                model.add_noise(latents, noise, t), t, text.expand(len(steps), *text.shape[1:])
-            )
-            total += float(squared_error(pred, model.target(latents, noise, t)).double().sum())
+            states = text.expand(len(steps), *text.shape[1:])
+            total += float(diffusion_loss(model, latents, noise, t, states).double().sum())
     return total / len(timesteps)
 
 
