@@ -261,7 +261,12 @@ def markdown(result: Hubness, rows: list[dict[str, Any]]) -> str:
         "",
     ]
     if rows:
-        lines += [f"## Top {len(rows)} hubs", "", hub_table(rows, result.num_queries), ""]
+        lines += [
+            f"## Top hubs ({len(rows)} of {len(result.hubs)})",
+            "",
+            hub_table(rows, result.num_queries),
+            "",
+        ]
     histogram = result.histogram()
     if histogram:
         lines += [
