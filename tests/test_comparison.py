@@ -76,6 +76,17 @@ EXPECTED = {
 }
 
 
+# Per query, the share of its top 10 held by hub images (in >= 2 queries' top 10 while irrelevant).
+# Every run fills its ranking with the other ids in id order, so ids 0-8 crowd the three top 10s:
+# unlearning's irrelevant tops are 0-7, 0-5, 0-8 (hubs 0-7: 8, 6, 8 slots), pixel's 0-7, 0-8, 0-8
+# (hubs 0-8), random's 0-9 three times (all ten are hubs).
+HUB_SHARE = {
+    "unlearning": [0.8, 0.6, 0.8],
+    "features:pixel": [0.8, 0.9, 0.9],
+    "random": [1.0, 1.0, 1.0],
+}
+
+
 @pytest.fixture
 def three_runs(tmp_path: Path) -> list[Path]:
     unlearning = write_run(
@@ -125,12 +136,17 @@ def test_comparison_table_matches_hand_computed_values(
     assert rows[2]["prepare_s"] == rows[2]["s_per_query"] == rows[2]["train_side_mb"] == ""
 
     table = (out / "comparison.md").read_text().splitlines()
-    assert table[0] == "| method | P@10 | R@10 | mAP | prepare s | s / query | train side MB |"
+    assert table[0] == (
+        "| method | P@10 | R@10 | mAP | hub share of top-10 | prepare s | s / query | train side MB |"
+    )
     p10 = np.array(EXPECTED["unlearning"])[:, 0]
+    hub = np.array(HUB_SHARE["unlearning"])
     assert table[2] == (
         f"| unlearning | {p10.mean():.3f} ± {p10.std(ddof=1) / np.sqrt(3):.3f} | 1.000 ± 0.000 | "
-        "1.000 ± 0.000 | 100 | 7.5 | 12.5 |"
+        f"1.000 ± 0.000 | {hub.mean():.3f} ± {hub.std(ddof=1) / np.sqrt(3):.3f} | 100 | 7.5 | 12.5 |"
     )
+    for row in rows:
+        assert float(row["hub_share@10"]) == pytest.approx(np.mean(HUB_SHARE[row["method"]]))
     assert table[4].startswith("| random |") and table[4].endswith("| n/a | n/a | n/a |")
 
     with open(out / "comparison_per_query.csv", newline="") as f:

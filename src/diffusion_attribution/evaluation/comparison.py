@@ -7,6 +7,13 @@ gradients, features), the scoring time per query and the training-side storage t
 Written as comparison.csv / comparison.md, a bar chart comparison.png (mAP and P@10 with error bars),
 comparison_per_query.csv (every run's per-query metrics) and, with logger=wandb, a W&B table.
 
+Each row also has the run's hub share (evaluation/hubness.py): the share of the top-K slots (K =
+benchmark.hub_top_k, 10) held by training images that enter the top K of at least
+benchmark.hub_min_queries queries without being relevant to them; column "hub share of top-10" in
+comparison.md, `hub_share@10` (with `_sem` and `hub_images@10`) in comparison.csv. hubness.png plots
+it per method, hubness_histogram.png how many queries each image enters irrelevantly, and hubness.csv
+lists every run's top hubs.
+
 Runs are only comparable on the same queries: every run must list the same queries (prompts, seeds
 and sampler settings, or images and captions, and the same ground truth) and the same model, else the
 comparison is refused.
@@ -24,7 +31,7 @@ import hydra
 from omegaconf import DictConfig
 
 from diffusion_attribution.data.base import CaptionedImageDataModule
-from diffusion_attribution.evaluation import report
+from diffusion_attribution.evaluation import hubness, report
 from diffusion_attribution.evaluation.retrieval import RetrievalResult, concept_index, evaluate_run
 
 log = logging.getLogger(__name__)
@@ -109,9 +116,12 @@ def method_labels(results: list[RetrievalResult], dirs: list[str]) -> list[str]:
     return labels
 
 
-def comparison_rows(results: list[RetrievalResult], dirs: list[str]) -> list[dict[str, Any]]:
+def comparison_rows(
+    results: list[RetrievalResult], dirs: list[str], hubs: list[hubness.Hubness] | None = None
+) -> list[dict[str, Any]]:
     rows = []
-    for result, label, run in zip(results, method_labels(results, dirs), dirs, strict=True):
+    labels = method_labels(results, dirs)
+    for k, (result, label, run) in enumerate(zip(results, labels, dirs, strict=True)):
         ranking = result.ranking
         timing = ranking.get("timing") or {}
         num_queries = len(ranking["queries"])
@@ -119,6 +129,11 @@ def comparison_rows(results: list[RetrievalResult], dirs: list[str]) -> list[dic
         for key, _ in TABLE_METRICS:
             row[key] = result.mean[key]
             row[f"{key}_sem"] = result.sem[key]
+        if hubs is not None:
+            hub = hubs[k]
+            row[f"hub_share@{hub.top_k}"] = hub.hub_share
+            row[f"hub_share@{hub.top_k}_sem"] = hub.hub_share_sem
+            row[f"hub_images@{hub.top_k}"] = len(hub.hubs)
         row["prepare_s"] = timing.get("prepare_s")
         score_s = timing.get("score_s")
         row["s_per_query"] = None if score_s is None else score_s / num_queries
@@ -132,12 +147,16 @@ def _cell(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(rows: list[dict[str, Any]], hub_top_k: int | None = None) -> str:
     heads = [head for _, head in TABLE_METRICS]
+    hub_key = None if hub_top_k is None else f"hub_share@{hub_top_k}"
+    if hub_key is not None:
+        heads.append(hubness.share_heading(hub_top_k))
     body = [
         [
             row["method"],
             *(report.format_mean_sem(row[key], row[f"{key}_sem"]) for key, _ in TABLE_METRICS),
+            *([] if hub_key is None else [report.format_mean_sem(row[hub_key], row[f"{hub_key}_sem"])]),
             _cell(row["prepare_s"], ".3g"),
             _cell(row["s_per_query"], ".3g"),
             _cell(row["train_side_mb"], ".1f"),
@@ -163,13 +182,25 @@ def comparison_figure(rows: list[dict[str, Any]], path: Path, num_queries: int) 
     )
 
 
-def run_comparison(cfg: DictConfig, run_dir: str | Path, dirs: list[str]) -> dict[str, Any]:
+def run_comparison(
+    cfg: DictConfig, run_dir: str | Path, dirs: list[str], hubs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`hubs`: the hub diagnostic's settings, {"top_k", "min_queries", "list_size"} (defaults of
+    evaluation/hubness.py where absent)."""
     run_dir = Path(run_dir)
+    hubs = hubs or {}
+    top_k = int(hubs.get("top_k", hubness.DEFAULT_TOP_K))
+    min_queries = hubs.get("min_queries", hubness.DEFAULT_MIN_QUERIES)
+    list_size = int(hubs.get("list_size", hubness.DEFAULT_LIST_SIZE))
     datamodule: CaptionedImageDataModule = hydra.utils.instantiate(cfg.data)
     concepts = concept_index(datamodule)
     results = [evaluate_run(d, datamodule, concepts) for d in dirs]
     check_same_queries(results, dirs)
-    rows = comparison_rows(results, dirs)
+    hub_results = [
+        hubness.run_hubness(d, r, datamodule, concepts, top_k, min_queries)
+        for d, r in zip(dirs, results, strict=True)
+    ]
+    rows = comparison_rows(results, dirs, hub_results)
 
     report.write_csv(run_dir / "comparison.csv", rows)
     report.write_csv(
@@ -177,22 +208,34 @@ def run_comparison(cfg: DictConfig, run_dir: str | Path, dirs: list[str]) -> dic
         [{"method": row["method"], **q} for row, r in zip(rows, results, strict=True) for q in r.rows],
     )
     num_queries = len(results[0].rows)
-    table = markdown_table(rows)
+    table = markdown_table(rows, top_k)
     note = (
-        f"{num_queries} queries with ground truth; mean ± standard error over queries. Prepare: per-model "
+        f"{num_queries} queries with ground truth; mean ± standard error over queries. "
+        f"{hubness.describe(hub_results[0])} Prepare: per-model "
         "work (cached and reused by later runs); s / query: scoring time per query; train side: what the "
         "method keeps on disk for scoring."
     )
     report.write_text(run_dir / "comparison.md", f"{table}\n\n{note}\n")
     png = comparison_figure(rows, run_dir / "comparison.png", num_queries)
-    summary = {"num_queries": num_queries, "methods": rows}
+    by_method = {row["method"]: hub for row, hub in zip(rows, hub_results, strict=True)}
+    hub_png = hubness.share_plot(run_dir / "hubness.png", by_method)
+    histogram_png = hubness.histogram_plot(run_dir / "hubness_histogram.png", by_method)
+    hub_lists = {m: hubness.hub_list(hub, datamodule, list_size) for m, hub in by_method.items()}
+    hub_csv = [row for m, listed in hub_lists.items() for row in hubness.csv_rows(listed, m)]
+    if hub_csv:
+        report.write_csv(run_dir / "hubness.csv", hub_csv)
+    summary = {
+        "num_queries": num_queries,
+        "methods": rows,
+        "hubness": {m: hub.summary(hub_lists[m]) for m, hub in by_method.items()},
+    }
     best = max(rows, key=lambda row: row["ap"])
     report.with_headline(summary, f"map/{best['method']}", best["ap"])
     report.write_json(run_dir / "metrics.json", summary)
     report.log_to_wandb(
         cfg.get("logger"),
         tables={"retrieval/comparison": rows},
-        images={"retrieval/comparison_chart": png},
+        images={"retrieval/comparison_chart": png, "retrieval/hubness": [hub_png, histogram_png]},
     )
     log.info("Comparison of %d runs on %d queries:\n%s", len(rows), num_queries, table)
     return summary
