@@ -230,7 +230,7 @@ def test_unlearning_with_ekfac(model, dataset) -> None:
             torch.testing.assert_close(p.detach(), before[name] + 1e-3 * expected[name], rtol=1e-5, atol=1e-7)
     assert record.curvature == "ekfac" and record.num_train == len(IDS) and record.damping == 0.1
     assert record.loss_after > record.loss_before
-    with pytest.raises(ValueError, match="EK-FAC curvature has not been fitted"):
+    with pytest.raises(ValueError, match="ekfac curvature has not been fitted"):
         unlearn(model, query["pixel_values"], query["caption"], EKFACCurvature(), params)
     with pytest.raises(ValueError, match="computed for other weights"):
         wrong = select_parameters(model.unet, "cross_attn")

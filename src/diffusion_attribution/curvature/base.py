@@ -21,7 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -101,3 +101,90 @@ class Curvature(ABC):
     def default_num_train(self) -> float | None:
         """N in the step, as recorded by the fit (None when the fit does not know it)."""
         return None
+
+
+class Factors(Protocol):
+    """What a fitted curvature keeps: saved and checked as one file, with the fit's metadata."""
+
+    metadata: dict[str, Any]
+
+    def save(self, path: str | Path) -> Path: ...
+
+    def validate(self, params: Mapping[str, torch.Tensor] | None = None) -> Any: ...
+
+
+class FittedCurvature(Curvature):
+    """A curvature whose fit is one `Factors` object (the diagonal Fisher, the EK-FAC factors): a
+    subclass says how to fit (`run_fit`, a sharded run over the training set) and load (`load_factors`)."""
+
+    def __init__(
+        self, damping: float = 0.1, samples_per_example: int = 1, damping_scope: str = "global"
+    ) -> None:
+        super().__init__(damping, samples_per_example, damping_scope)
+        self.factors: Any = None
+
+    @classmethod
+    def from_factors(cls, factors: Factors, **settings: Any) -> FittedCurvature:
+        """This curvature with already computed factors (e.g. from `compute_fisher` or `compute_ekfac`)."""
+        curvature = cls(**settings)
+        curvature.factors = factors
+        return curvature
+
+    @staticmethod
+    @abstractmethod
+    def run_fit(
+        model: TextToImageModel,
+        dataset: CaptionedImageDataset,
+        ids: Sequence[int],
+        params: str,
+        out_dir: Path,
+        identity: dict[str, Any],
+        **settings: Any,
+    ) -> Factors: ...
+
+    @staticmethod
+    @abstractmethod
+    def load_factors(path: Path) -> Factors: ...
+
+    def fit(
+        self,
+        model: TextToImageModel,
+        dataset: CaptionedImageDataset,
+        ids: Sequence[int],
+        params: str,
+        out_dir: Path,
+        identity: dict[str, Any],
+        batch_size: int = 64,
+        seed: int = 0,
+        trainer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.factors = self.run_fit(
+            model,
+            dataset,
+            ids,
+            params,
+            out_dir,
+            identity,
+            batch_size=batch_size,
+            seed=seed,
+            samples_per_example=self.samples_per_example,
+            trainer_kwargs=trainer_kwargs,
+        )
+
+    def save(self, path: Path) -> None:
+        self._fitted().save(path)
+
+    def load(self, path: Path) -> None:
+        self.factors = self.load_factors(path)
+
+    def _fitted(self) -> Any:
+        if self.factors is None:
+            raise FisherError(f"The {self.name} curvature has not been fitted or loaded yet.")
+        return self.factors
+
+    def validate(self, params: Mapping[str, torch.Tensor]) -> None:
+        self._fitted().validate(params)
+
+    def default_num_train(self) -> float | None:
+        num = self._fitted().metadata.get("num_examples")
+        return None if num is None else float(num)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from diffusion_attribution.autograd.per_sample import per_sample_gradients, vmap_friendly_attention
 from diffusion_attribution.compute.sharded import run_sharded
-from diffusion_attribution.curvature.base import Curvature, FisherError
+from diffusion_attribution.curvature.base import FisherError, FittedCurvature
 from diffusion_attribution.data.base import CaptionedImageDataset
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.weight_subsets import select_parameters
@@ -355,7 +355,7 @@ def run_fisher(
 
 
 # ------------------------------------------------------------------------------------- curvature
-class DiagonalCurvature(Curvature):
+class DiagonalCurvature(FittedCurvature):
     """`method/curvature=diagonal` (the paper's AbU): P = N·(F + λ), F the diagonal empirical Fisher of
     the selected weights, λ = damping · mean(F) over them. The damping is relative to the Fisher's own
     scale, so it means the same for any N: a weight with F = 0 moves at most 1/damping times as far as
@@ -363,61 +363,13 @@ class DiagonalCurvature(Curvature):
 
     name = "diagonal"
 
-    def __init__(
-        self, damping: float = 0.1, samples_per_example: int = 1, damping_scope: str = "global"
-    ) -> None:
-        super().__init__(damping, samples_per_example, damping_scope)
-        self.fisher: FisherDiagonal | None = None
+    run_fit = staticmethod(run_fisher)
+    load_factors = staticmethod(FisherDiagonal.load)
 
     @classmethod
     def from_fisher(cls, fisher: FisherDiagonal, **settings: Any) -> DiagonalCurvature:
         """This curvature with an already computed Fisher (e.g. from `compute_fisher`)."""
-        curvature = cls(**settings)
-        curvature.fisher = fisher
-        return curvature
-
-    def fit(
-        self,
-        model: TextToImageModel,
-        dataset: CaptionedImageDataset,
-        ids: Sequence[int],
-        params: str,
-        out_dir: Path,
-        identity: dict[str, Any],
-        batch_size: int = 64,
-        seed: int = 0,
-        trainer_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        self.fisher = run_fisher(
-            model,
-            dataset,
-            ids,
-            params,
-            out_dir,
-            identity,
-            batch_size=batch_size,
-            seed=seed,
-            samples_per_example=self.samples_per_example,
-            trainer_kwargs=trainer_kwargs,
-        )
-
-    def save(self, path: Path) -> None:
-        self._fitted().save(path)
-
-    def load(self, path: Path) -> None:
-        self.fisher = FisherDiagonal.load(path)
-
-    def _fitted(self) -> FisherDiagonal:
-        if self.fisher is None:
-            raise FisherError(f"The {self.name} curvature has not been fitted or loaded yet.")
-        return self.fisher
-
-    def validate(self, params: Mapping[str, torch.Tensor]) -> None:
-        self._fitted().validate(params)
-
-    def default_num_train(self) -> float | None:
-        num = self._fitted().metadata.get("num_examples")
-        return None if num is None else float(num)
+        return cls.from_factors(fisher, **settings)  # type: ignore[return-value]
 
     def _damping_value(self, names: Sequence[str]) -> float:
         return self.damping * self._fitted().mean(names)

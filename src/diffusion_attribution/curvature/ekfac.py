@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from diffusion_attribution.autograd.linear_grads import capture_linear_io, tokens
 from diffusion_attribution.compute.sharded import run_sharded
-from diffusion_attribution.curvature.base import Curvature, FisherError
+from diffusion_attribution.curvature.base import FisherError, FittedCurvature
 from diffusion_attribution.data.base import CaptionedImageDataset
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.models.weight_subsets import select_parameters
@@ -509,68 +509,15 @@ def run_ekfac(
 
 
 # ------------------------------------------------------------------------------------- curvature
-class EKFACCurvature(Curvature):
+class EKFACCurvature(FittedCurvature):
     """`method/curvature=ekfac` (AbU+): the diagonal step taken in the eigenbasis of a Kronecker-factored
     Fisher of each selected Linear layer, with its eigenvalues corrected to the per-sample gradients'
     second moments (module docstring); λ = damping · mean(Λ) over every selected layer."""
 
     name = "ekfac"
 
-    def __init__(
-        self, damping: float = 0.1, samples_per_example: int = 1, damping_scope: str = "global"
-    ) -> None:
-        super().__init__(damping, samples_per_example, damping_scope)
-        self.factors: EKFAC | None = None
-
-    @classmethod
-    def from_factors(cls, factors: EKFAC, **settings: Any) -> EKFACCurvature:
-        """This curvature with already computed factors (e.g. from `compute_ekfac`)."""
-        curvature = cls(**settings)
-        curvature.factors = factors
-        return curvature
-
-    def fit(
-        self,
-        model: TextToImageModel,
-        dataset: CaptionedImageDataset,
-        ids: Sequence[int],
-        params: str,
-        out_dir: Path,
-        identity: dict[str, Any],
-        batch_size: int = 64,
-        seed: int = 0,
-        trainer_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        self.factors = run_ekfac(
-            model,
-            dataset,
-            ids,
-            params,
-            out_dir,
-            identity,
-            batch_size=batch_size,
-            seed=seed,
-            samples_per_example=self.samples_per_example,
-            trainer_kwargs=trainer_kwargs,
-        )
-
-    def save(self, path: Path) -> None:
-        self._fitted().save(path)
-
-    def load(self, path: Path) -> None:
-        self.factors = EKFAC.load(path)
-
-    def _fitted(self) -> EKFAC:
-        if self.factors is None:
-            raise FisherError("The EK-FAC curvature has not been fitted or loaded yet.")
-        return self.factors
-
-    def validate(self, params: Mapping[str, torch.Tensor]) -> None:
-        self._fitted().validate(params)
-
-    def default_num_train(self) -> float | None:
-        num = self._fitted().metadata.get("num_examples")
-        return None if num is None else float(num)
+    run_fit = staticmethod(run_ekfac)
+    load_factors = staticmethod(EKFAC.load)
 
     def precondition(self, gradient: Mapping[str, torch.Tensor], num_train: float) -> dict[str, torch.Tensor]:
         return self._fitted().precondition(
