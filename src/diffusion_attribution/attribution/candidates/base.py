@@ -109,7 +109,7 @@ class CandidateRanker(ABC):
         self.check(model, datamodule, pool, identity)
         self._prepare(model, datamodule, context, identity)
 
-    def _prepare(
+    def _prepare(  # noqa: B027 - optional: rankers without train-side work keep it empty
         self,
         model: TextToImageModel,
         datamodule: CaptionedImageDataModule,

@@ -71,11 +71,19 @@ class FeatureRanker(CandidateRanker):
     ) -> None:
         super().__init__(k)
         try:
-            self.features = FeatureAttributor(backbone, batch_size=batch_size, shard_size=shard_size, store=store)
+            self.features = FeatureAttributor(
+                backbone, batch_size=batch_size, shard_size=shard_size, store=store
+            )
         except BackboneError as error:  # its messages say backbone.path: here it lives under the ranker
             raise CandidateError(f"{self.key}.backbone: {error}") from error
 
-    def _prepare(self, model, datamodule, context, identity) -> None:  # type: ignore[no-untyped-def]
+    def _prepare(
+        self,
+        model: TextToImageModel,
+        datamodule: CaptionedImageDataModule,
+        context: AttributionContext,
+        identity: dict[str, Any],
+    ) -> None:
         self.features.prepare(model, datamodule, context)
 
     def similarity(self, queries: list[Query]) -> np.ndarray:
@@ -120,7 +128,9 @@ class CaptionRanker(CandidateRanker):
             )
             mask = tokens.get("attention_mask")
             if mask is None:
-                mask = (tokens.input_ids != pad).long() if pad is not None else torch.ones_like(tokens.input_ids)
+                mask = (
+                    (tokens.input_ids != pad).long() if pad is not None else torch.ones_like(tokens.input_ids)
+                )
             mask = mask.to(input_ids.device, torch.float32)[..., None]
             with torch.no_grad():
                 states = model.encode_text(input_ids).float()
@@ -128,7 +138,13 @@ class CaptionRanker(CandidateRanker):
             out.append(_unit(pooled.cpu()))
         return torch.cat(out)
 
-    def _prepare(self, model, datamodule, context, identity) -> None:  # type: ignore[no-untyped-def]
+    def _prepare(
+        self,
+        model: TextToImageModel,
+        datamodule: CaptionedImageDataModule,
+        context: AttributionContext,
+        identity: dict[str, Any],
+    ) -> None:
         self.model = model
         self.num_examples = datamodule.num_examples
         source = datamodule.source
@@ -205,7 +221,13 @@ class ScoresRanker(CandidateRanker):
                 return str(identity["model"])
         return None
 
-    def check(self, model, datamodule, pool, identity) -> None:  # type: ignore[no-untyped-def]
+    def check(
+        self,
+        model: TextToImageModel,
+        datamodule: CaptionedImageDataModule,
+        pool: np.ndarray,
+        identity: dict[str, Any],
+    ) -> None:
         super().check(model, datamodule, pool, identity)
         ranking, where = self.ranking, f"{self.key}.run={self.run}"
         fix = f"Give {self.key}.run a run of this model on this data, or another ranker."
@@ -224,9 +246,13 @@ class ScoresRanker(CandidateRanker):
             theirs = ranking.get("model")
             if self.model_path is not None and theirs is not None:
                 if Path(str(theirs)).expanduser().resolve() != Path(self.model_path).expanduser().resolve():
-                    raise CandidateError(f"{where} scored model {theirs}, not this run's {self.model_path}. {fix}")
+                    raise CandidateError(
+                        f"{where} scored model {theirs}, not this run's {self.model_path}. {fix}"
+                    )
             elif num is None:
-                raise CandidateError(f"{where}: its ranking.json records neither the model nor num_examples. {fix}")
+                raise CandidateError(
+                    f"{where}: its ranking.json records neither the model nor num_examples. {fix}"
+                )
         self.scores = np.load(self.run / "scores.npy", mmap_mode="r")
         if self.scores.ndim != 2 or self.scores.shape[1] != datamodule.num_examples:
             raise CandidateError(
@@ -273,13 +299,25 @@ class UnionRanker(CandidateRanker):
             ranker.key = f"{KEY}.rankers.{name}"
         self.members = dict(named)
 
-    def check(self, model, datamodule, pool, identity) -> None:  # type: ignore[no-untyped-def]
+    def check(
+        self,
+        model: TextToImageModel,
+        datamodule: CaptionedImageDataModule,
+        pool: np.ndarray,
+        identity: dict[str, Any],
+    ) -> None:
         self.pool = np.asarray(pool, dtype=np.int64)
         for ranker in self.members.values():  # every member's checks before any member's work
             ranker.check(model, datamodule, pool, identity)
         self.count = None  # type: ignore[assignment]
 
-    def _prepare(self, model, datamodule, context, identity) -> None:  # type: ignore[no-untyped-def]
+    def _prepare(
+        self,
+        model: TextToImageModel,
+        datamodule: CaptionedImageDataModule,
+        context: AttributionContext,
+        identity: dict[str, Any],
+    ) -> None:
         for ranker in self.members.values():
             ranker._prepare(model, datamodule, context, identity)
 
@@ -298,4 +336,3 @@ class UnionRanker(CandidateRanker):
 
     def train_side_paths(self) -> list[Any]:
         return [p for r in self.members.values() for p in r.train_side_paths()]
-
