@@ -39,6 +39,7 @@ from diffusion_attribution.utils.fingerprint import model_fingerprint
 QUERY_IDS = [5, 33]  # training images queried with their own captions
 RELEVANT = [[5, 6, 40], [33]]
 PIXEL = {"name": "pixel", "path": None}
+STEP_SIZE = 10.0  # identity curvature: scores ~1e-3, far above the float32 rounding of the losses (~1e-7)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def clear_hydra():
 def attributor(candidates: Any = None) -> UnlearningAttributor:
     return UnlearningAttributor(
         curvature=IdentityCurvature(),
-        step_size=1e-3,
+        step_size=STEP_SIZE,
         num_samples=4,
         timesteps=[200, 600],
         captions=[0],
@@ -75,11 +76,17 @@ def attributor(candidates: Any = None) -> UnlearningAttributor:
     )
 
 
-def run(world: Any, root: Path, name: str, candidates: Any = None, cache: str = "cache") -> tuple:
+def run(
+    world: Any, root: Path, name: str, candidates: Any = None, cache: str = "cache", ids: Any = None
+) -> tuple:
     data, model, queries = world
     method = attributor(candidates)
     context = AttributionContext(
-        root / cache, root / name, {"accelerator": "cpu", "enable_progress_bar": False}, seed=0
+        root / cache,
+        root / name,
+        {"accelerator": "cpu", "enable_progress_bar": False},
+        seed=0,
+        candidate_ids=None if ids is None else np.asarray(ids),
     )
     method.prepare(model, data, context)
     return method.score(queries), method
@@ -127,6 +134,7 @@ def test_shortlisted_scores_are_the_full_methods_and_the_rest_rank_below(
     assert method.before_ids.tolist() == union.tolist()
     for q, ids in enumerate(shortlists):
         assert len(ids) == 6 and QUERY_IDS[q] in ids  # a training image is its own nearest pixel neighbour
+        # equal up to float32 rounding of the losses (batches are composed differently)
         np.testing.assert_allclose(pruned[q, ids], full[q, ids], rtol=0, atol=1e-6)
         off = np.setdiff1d(np.arange(data.num_examples), ids)
         assert np.isfinite(pruned[q]).all() and pruned[q, off].max() < pruned[q, ids].min()
@@ -179,6 +187,19 @@ def test_long_shortlists_are_saved_and_union_and_captions_rank(
     saved = np.load(record["ids_file"])
     assert Path(record["ids_file"]).parent == tmp_path / "long" / "candidates"
     assert len(saved) == 12 and QUERY_IDS[1] in saved
+
+
+def test_shortlists_stay_inside_score_ids(world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With score_ids the pool is those ids: shortlists come from them, k counts within them."""
+    subset = [1, 4, 5, 9, 20, 33, 34, 47]
+    calls = swept_ids(monkeypatch)
+    scores, method = run(world, tmp_path, "subset", FeatureRanker(k=0.5, backbone=PIXEL), ids=subset)
+    for q, record in enumerate(method.query_records):
+        ids = record["candidates"]["ids"]
+        assert len(ids) == 4 and set(ids) <= set(subset) and QUERY_IDS[q] in ids
+    assert set(calls) <= set(subset)
+    with pytest.raises(CandidateError, match="above the 8 examples"):
+        run(world, tmp_path, "too_many", FeatureRanker(k=9, backbone=PIXEL), ids=subset)
 
 
 # ------------------------------------------------------------------------------ bad settings
