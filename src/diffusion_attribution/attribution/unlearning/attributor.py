@@ -7,22 +7,33 @@ and shared by every query and run.
 score: per query, unlearn from θ₀, sweep the training set again (in the run directory: a killed run
 resumes), put θ₀ back. Score = loss after − loss before (method.score=log_ratio: log(after / before)),
 averaged over captions, max over flips.
+
+method/candidates=features|captions|scores|union (attribution/candidates/; default none): FastGDA's
+pruning. Each query gets a shortlist of k examples from a cheap ranker; the before-unlearning sweep
+covers the union of all shortlists (or reuses the cached full sweep when it is complete), the
+after-unlearning sweep only the query's shortlist; keyed noise makes the shortlisted scores exactly the
+unpruned ones. Off-list examples rank below every shortlisted one (see `score`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffusion_attribution.attribution.base import AttributionContext, Attributor, disk_bytes
+from diffusion_attribution.attribution.base import AttributionContext, Attributor, disk_bytes, mask_unscored
+from diffusion_attribution.attribution.candidates import CandidateRanker
+from diffusion_attribution.attribution.candidates.base import OPTIONS
 from diffusion_attribution.attribution.queries import Query
 from diffusion_attribution.attribution.unlearning.scores import FLIP_REDUCTIONS, SCORES, unlearning_scores
 from diffusion_attribution.attribution.unlearning.step import preserved_parameters, unlearn
+from diffusion_attribution.compute.sharded import shard_path
 from diffusion_attribution.curvature.base import Curvature
 from diffusion_attribution.curvature.diagonal import DiagonalCurvature
 from diffusion_attribution.curvature.ekfac import EKFACCurvature
@@ -67,6 +78,7 @@ class UnlearningAttributor(Attributor):
         batch_size: int = 64,
         shard_size: int = 256,
         chunk_size: int = 64,
+        candidates: CandidateRanker | None = None,
     ) -> None:
         super().__init__()
         # Checked here, when the config is read: a bad setting would otherwise surface only in
@@ -112,6 +124,7 @@ class UnlearningAttributor(Attributor):
         self.batch_size = batch_size
         self.shard_size = shard_size
         self.chunk_size = chunk_size
+        self.candidates = candidates  # method/candidates: None or `none` = every example
 
     # ------------------------------------------------------------------------------- prepare
     def prepare(
@@ -138,6 +151,8 @@ class UnlearningAttributor(Attributor):
         self.identity = {"model": model_fingerprint(model), "data": data_fingerprint(datamodule)}
         dataset = datamodule.full_dataset()
         self.dataset = dataset
+        # method/candidates: every check (k against the examples, a scores run's model) before any work.
+        self.ranker = self._check_candidates(model, datamodule)
         cache = context.cache_dir
         started = time.perf_counter()
         curvature = self.curvature
@@ -164,26 +179,67 @@ class UnlearningAttributor(Attributor):
                 curvature.save(curvature_path)
             curvature.validate(self.selected)
         self.timing = {"curvature_s": time.perf_counter() - started}
-        started = time.perf_counter()
         sweep_key = hash_json(
             [self.identity, self.sweep_config.to_dict()]
             if context.candidate_ids is None  # the full sweep keeps the key it always had
             else [self.identity, self.sweep_config.to_dict(), self.all_ids.tolist()]
         )
-        self.cached_paths = [curvature_path, cache / "sweeps" / sweep_key]
-        self.before = run_loss_sweep(
-            model,
-            dataset,
-            self.all_ids,
+        self.full_sweep_dir = cache / "sweeps" / sweep_key
+        self.cached_paths = [curvature_path, self.full_sweep_dir]
+        if self.ranker is not None:
+            started = time.perf_counter()
+            self.ranker._prepare(model, datamodule, context, self.identity)
+            self.timing["candidates_prepare_s"] = time.perf_counter() - started
+            self.cached_paths += self.ranker.train_side_paths()
+            # The before-unlearning sweep needs the queries' shortlists: score() runs it.
+            self.before, self.before_ids = None, None
+            return
+        started = time.perf_counter()
+        self.before = self._sweep_before(self.all_ids, self.full_sweep_dir)
+        self.before_ids = self.all_ids
+        self.timing["sweep_before_s"] = time.perf_counter() - started
+
+    def _sweep_before(self, ids: np.ndarray, out_dir: Path) -> torch.Tensor:
+        return run_loss_sweep(
+            self.model,
+            self.dataset,
+            ids,
             self.sweep_config,
-            cache / "sweeps" / sweep_key,
+            out_dir,
             self.identity,
             batch_size=self.batch_size,
             shard_size=self.shard_size,
-            trainer_kwargs=context.trainer_kwargs,
+            trainer_kwargs=self.context.trainer_kwargs,
             description="loss sweep before unlearning",
         )
-        self.timing["sweep_before_s"] = time.perf_counter() - started
+
+    def _check_candidates(
+        self, model: TextToImageModel, datamodule: CaptionedImageDataModule
+    ) -> CandidateRanker | None:
+        """The ranker of method/candidates, checked against this run (None: every example is swept)."""
+        ranker = self.candidates
+        if ranker is None:
+            return None
+        if not isinstance(ranker, CandidateRanker):
+            raise ValueError(
+                f"method.candidates must be a candidates config (method/candidates={OPTIONS}), got "
+                f"{type(ranker).__name__}."
+            )
+        if ranker.everything:
+            return None
+        ranker.check(model, datamodule, self.all_ids, self.identity)
+        return ranker
+
+    def _before_for_shortlists(self, union: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """Before-unlearning losses covering `union` (sorted ids): the cached sweep of every scored id
+        when it is complete (or when the union is all of them), else a sweep of the union alone, keyed
+        by its ids. Keyed noise makes both give the same numbers on every id."""
+        if len(union) == len(self.all_ids) or _sweep_complete(self.full_sweep_dir, len(self.all_ids)):
+            return self.all_ids, self._sweep_before(self.all_ids, self.full_sweep_dir)
+        key = hash_json([self.identity, self.sweep_config.to_dict(), union.tolist()])
+        out_dir = self.context.cache_dir / "sweeps" / f"candidates-{key}"
+        self.cached_paths.append(out_dir)
+        return union, self._sweep_before(union, out_dir)
 
     def _sweep_config(
         self, model: TextToImageModel, datamodule: CaptionedImageDataModule, seed: int
@@ -234,11 +290,34 @@ class UnlearningAttributor(Attributor):
 
     # --------------------------------------------------------------------------------- score
     def score(self, queries: list[Query]) -> np.ndarray:
-        # Columns outside self.all_ids (a chosen subset) stay 0 here; the job masks them (mask_unscored).
+        """Scores [len(queries), num_examples]. Without candidates, columns outside self.all_ids (a
+        chosen subset) stay 0 here and the job masks them (mask_unscored). With method/candidates, each
+        query's after-unlearning sweep covers its shortlist only, and every column off the shortlist
+        gets, per query, the lowest shortlisted score minus max(1, |lowest|) (`mask_unscored`'s value:
+        finite, strictly below every shortlisted score, also in float32); the job then puts columns
+        outside score_ids lower still."""
         scores = np.zeros((len(queries), self.num_examples), dtype=np.float32)
         device = self.model.device
+        pruned = self.ranker is not None
+        if pruned:
+            started = time.perf_counter()
+            shortlists = self.ranker.shortlists(queries)
+            ranking_s = time.perf_counter() - started
+            started = time.perf_counter()
+            self.before_ids, self.before = self._before_for_shortlists(np.unique(np.concatenate(shortlists)))
+            self.timing["sweep_before_s"] = time.perf_counter() - started
+            candidate_info = {
+                "ranker": self.ranker.settings(),
+                "ranking_s": ranking_s,
+                "sweep_before_s": self.timing["sweep_before_s"],
+                "num_swept_before": len(self.before_ids),
+            }
+        else:
+            shortlists = [self.all_ids] * len(queries)
         for k, query in enumerate(queries):
             started = time.perf_counter()
+            ids = shortlists[k]
+            before = self.before if not pruned else self.before[np.searchsorted(self.before_ids, ids)]
             with preserved_parameters(self.selected):
                 record = unlearn(
                     self.model,
@@ -259,10 +338,11 @@ class UnlearningAttributor(Attributor):
                     chunk_size=self.chunk_size,
                 )
                 unlearned = module_fingerprint(self.model.unet)
+                sweep_started = time.perf_counter()
                 after = run_loss_sweep(
                     self.model,
                     self.dataset,
-                    self.all_ids,
+                    ids,
                     self.sweep_config,
                     self.context.run_dir / "sweeps" / f"query_{k:03d}",
                     {**self.identity, "unlearned": unlearned, "query": query.caption},
@@ -271,41 +351,96 @@ class UnlearningAttributor(Attributor):
                     trainer_kwargs=self.context.trainer_kwargs,
                     description=f"loss sweep after unlearning query {k}",
                 )
+                sweep_after_s = time.perf_counter() - sweep_started
             # The loss difference (the paper's score) also feeds the diagnostics, whatever method.score is.
-            loss_change = unlearning_scores(self.before, after, self.flip_reduction)
+            loss_change = unlearning_scores(before, after, self.flip_reduction)
             query_scores = (
                 loss_change
                 if self.score_kind == "difference"
-                else unlearning_scores(self.before, after, self.flip_reduction, self.score_kind)
+                else unlearning_scores(before, after, self.flip_reduction, self.score_kind)
             )
             if not torch.isfinite(query_scores).all():
                 raise FloatingPointError(
                     f"Query {k}: non-finite scores after unlearning (loss before {record.loss_before}, after "
                     f"{record.loss_after}). Lower method.step_size (or method.target_loss_rise) or raise method.curvature.damping."
                 )
-            scores[k, self.all_ids] = query_scores.numpy()
-            delta = (after - self.before).nanmean(dim=1).mean(dim=-1)
+            scores[k, ids] = query_scores.numpy()
+            if pruned:  # off the shortlist: below every shortlisted score (see the docstring)
+                scores[k] = mask_unscored(scores[k : k + 1], ids)[0]
+            delta = (after - before).nanmean(dim=1).mean(dim=-1)
             self.query_records.append(
                 {
                     **record.as_dict(),
                     "query_loss_increase": None
                     if record.loss_after is None
                     else float(record.loss_after - record.loss_before),
-                    "mean_train_loss_change": float(delta.mean()),
+                    "mean_train_loss_change": float(delta.mean()),  # over the swept (shortlisted) ids
                     "top10_train_loss_change": float(  # of the 10 top-scored examples
                         loss_change[torch.topk(query_scores, min(10, len(query_scores))).indices].mean()
+                    ),
+                    "sweep_after_s": sweep_after_s,
+                    **(
+                        {"candidates": {**candidate_info, **self._shortlist_record(k, query, ids)}}
+                        if pruned
+                        else {}
                     ),
                     "seconds": time.perf_counter() - started,
                 }
             )
             log.info(
                 "Query %d: query loss %.4f -> %.4f (step size %s); mean training loss change %.2e "
-                "(retention); %.1f s",
+                "(retention) over %d examples; %.1f s",
                 k,
                 record.loss_before,
                 record.loss_after if record.loss_after is not None else float("nan"),
                 ", ".join(f"{a:.3g}" for a in record.step_sizes),
                 float(delta.mean()),
+                len(ids),
                 time.perf_counter() - started,
             )
         return scores
+
+    def _shortlist_record(self, k: int, query: Query, ids: np.ndarray) -> dict[str, Any]:
+        """ranking.json's account of a query's shortlist: its size, its ids (inline when short, else
+        saved as run_dir/candidates/query_<k>.npy) and, with relevant_ids, the share of them it holds."""
+        out: dict[str, Any] = {"count": len(ids)}
+        if len(ids) <= MAX_INLINE_IDS:
+            out["ids"] = ids.tolist()
+        else:
+            path = self.context.run_dir / "candidates" / f"query_{k:03d}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, ids.astype(np.int64))
+            out["ids_file"] = str(path)
+        relevant = query.source.get("relevant_ids")
+        if relevant is not None and len(relevant) > 0:
+            relevant_ids = np.unique(np.asarray(list(relevant), dtype=np.int64))
+            found = np.isin(relevant_ids, ids)
+            out["recall"] = {
+                "relevant": len(relevant_ids),
+                "in_shortlist": int(found.sum()),
+                "fraction": float(found.mean()),
+            }
+            members = getattr(self.ranker, "member_shortlists", None)
+            if members:  # a union: each member's own share
+                out["recall"]["members"] = {
+                    name: float(np.isin(relevant_ids, lists[k]).mean()) for name, lists in members.items()
+                }
+        return out
+
+
+MAX_INLINE_IDS = 100  # shortlists up to this long are listed in ranking.json; longer ones saved as .npy
+
+
+def _sweep_complete(out_dir: Path, num_ids: int) -> bool:
+    """Whether `out_dir` holds a finished sweep of `num_ids` ids (every shard file present)."""
+    meta_path = out_dir / "sweep.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+        size = int(meta["shard_size"])
+        if int(meta["num_ids"]) != num_ids:
+            return False
+    except (ValueError, KeyError, TypeError):
+        return False
+    return all(shard_path(out_dir, s).is_file() for s in range((num_ids + size - 1) // size))
