@@ -26,9 +26,10 @@ from diffusion_attribution.attribution.checks import (  # noqa: F401  (re-export
     check_training_data,
     check_vocabulary,
     claim_run_dir,
+    int_setting,
     with_constructor_defaults,
 )
-from diffusion_attribution.attribution.outputs import write_outputs
+from diffusion_attribution.attribution.outputs import check_finite_scores, run_fingerprints, write_outputs
 from diffusion_attribution.attribution.queries import build_queries
 from diffusion_attribution.data.base import CaptionedImageDataModule, parse_id_list
 from diffusion_attribution.evaluation.report import log_to_wandb
@@ -89,6 +90,7 @@ def run_attribution(cfg: DictConfig, run_dir: str | Path) -> np.ndarray:
 def attribute(cfg: DictConfig, run_dir: str | Path) -> AttributionResult:
     run_dir = Path(run_dir)
     pl.seed_everything(cfg.seed)
+    int_setting("top_k", cfg.get("top_k"))
     # Every method setting is checked (by the method's constructor) before any work: no model is
     # loaded and no query generated for a run that would fail on a bad setting.
     attributor: Attributor = hydra.utils.instantiate(cfg.method)
@@ -98,6 +100,11 @@ def attribute(cfg: DictConfig, run_dir: str | Path) -> AttributionResult:
     model = model_from_config(cfg.model, require_path=True)
     model.to("cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu").eval()
     check_vocabulary(model, datamodule.source.all_captions())
+    # The settings only the model and the data can check (a timestep past the scheduler's, a caption
+    # index no example has), before the queries are generated and the method prepared.
+    check_settings = getattr(attributor, "check_settings", None)
+    if check_settings is not None:
+        check_settings(model, datamodule)
     # Claimed only once the inputs are known to be good: a run that fails on a bad model path or
     # method setting leaves the directory free for the corrected rerun.
     claim_run_dir(run_dir, cfg)
@@ -110,10 +117,15 @@ def attribute(cfg: DictConfig, run_dir: str | Path) -> AttributionResult:
     attributor.prepare(model, datamodule, context)
     prepared = time.perf_counter()
     scores = mask_unscored(attributor.score(queries), score_ids)
+    # Whatever the method: NaN or inf in scores.npy would rank as a plausible, wrong answer downstream.
+    check_finite_scores(scores, attributor.name, queries)
     timing = {"prepare_s": prepared - started, "score_s": time.perf_counter() - prepared}
     metrics = None
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
-        png = write_outputs(run_dir, scores, queries, attributor, datamodule, cfg, timing, score_ids)
+        fingerprints = run_fingerprints(attributor, model, datamodule)
+        png = write_outputs(
+            run_dir, scores, queries, attributor, datamodule, cfg, timing, score_ids, fingerprints
+        )
         log_ranking_to_wandb(cfg, png, run_dir)
         metrics = query_retrieval_metrics(scores, [q.record() for q in queries], datamodule, score_ids)
         if metrics is not None:
