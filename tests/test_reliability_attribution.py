@@ -73,7 +73,7 @@ UNLEARNING_ONLY = [
 ]
 TRAK_ONLY = [
     ({"projection_dim": 0}, r"method.projection_dim must be an integer of at least 1, got 0"),
-    ({"damping": -1.0}, r"method.damping must be a positive finite number, got -1.0"),
+    ({"damping": -1.0}, r"method.damping \(λ\) must be positive and finite, got -1.0"),
     ({"block_rows": "x"}, r"method.block_rows must be an integer of at least 1"),
 ]
 

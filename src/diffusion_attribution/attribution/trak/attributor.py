@@ -148,7 +148,9 @@ class TRAKAttributor(Attributor):
                 f"Unknown method.gradient_method={gradient_method!r}; options: {GRADIENT_METHODS}."
             )
         projection_dim = int_setting("method.projection_dim", projection_dim)
-        damping = float_setting("method.damping", self.default_damping if damping is None else damping)
+        damping = float_setting(
+            "method.damping (λ)", self.default_damping if damping is None else damping, "positive and finite"
+        )
         if damping_convention not in DAMPING_CONVENTIONS:
             options = "; ".join(f"{k}: {v}" for k, v in DAMPING_CONVENTIONS.items())
             raise ValueError(f"Unknown method.damping_convention={damping_convention!r}. Options: {options}.")
