@@ -32,7 +32,12 @@ from omegaconf import DictConfig
 
 from diffusion_attribution.data.base import CaptionedImageDataModule
 from diffusion_attribution.evaluation import hubness, report
-from diffusion_attribution.evaluation.retrieval import RetrievalResult, concept_index, evaluate_run
+from diffusion_attribution.evaluation.retrieval import (
+    RetrievalResult,
+    check_same_model,
+    concept_index,
+    evaluate_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +200,7 @@ def run_comparison(
     datamodule: CaptionedImageDataModule = hydra.utils.instantiate(cfg.data)
     concepts = concept_index(datamodule)
     results = [evaluate_run(d, datamodule, concepts) for d in dirs]
+    check_same_model([r.ranking for r in results], dirs)
     check_same_queries(results, dirs)
     hub_results = [
         hubness.run_hubness(d, r, datamodule, concepts, top_k, min_queries)

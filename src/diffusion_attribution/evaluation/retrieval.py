@@ -81,16 +81,70 @@ def retrieval_metrics(
     return rows
 
 
+class AttributionRunError(ValueError):
+    """A run directory whose files cannot be trusted; the message names the file and the fix."""
+
+
+def read_scores(path: Path) -> np.ndarray:
+    """scores.npy of a run: readable, a 2-D array of real numbers, every value finite. A truncated
+    or corrupt file, or one with NaN/inf (which would rank as a plausible, wrong answer), is refused."""
+    rerun = "Rerun attribute.py for this run (into a new run directory) and evaluate its output."
+    try:
+        scores = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise AttributionRunError(
+            f"{path} cannot be read as a .npy array ({type(error).__name__}: {error}): it is truncated or "
+            f"not a scores file written by attribute.py. {rerun}"
+        ) from None
+    if not isinstance(scores, np.ndarray) or scores.ndim != 2 or not np.issubdtype(scores.dtype, np.number):
+        raise AttributionRunError(
+            f"{path} holds a {getattr(scores, 'dtype', type(scores))} array of shape "
+            f"{getattr(scores, 'shape', None)}, not the [num_queries, num_examples] scores attribute.py writes. {rerun}"
+        )
+    finite = np.isfinite(scores)
+    if not finite.all():
+        rows = np.flatnonzero(~finite.all(axis=1))
+        raise AttributionRunError(
+            f"{path} holds {int((~finite).sum())} NaN or inf values (queries {rows[:10].tolist()}): its ranking "
+            f"would look plausible and be wrong. {rerun}"
+        )
+    return scores
+
+
+def read_ranking(path: Path) -> dict[str, Any]:
+    """ranking.json of a run; one without a model fingerprint (written before they were recorded) is
+    read with a warning: it can be compared by its model path only."""
+    try:
+        ranking = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise AttributionRunError(
+            f"{path} cannot be read as JSON ({error}): it is truncated or not written by attribute.py. "
+            "Rerun attribute.py for this run and evaluate its output."
+        ) from None
+    if not isinstance(ranking, dict) or not isinstance(ranking.get("queries"), list):
+        raise AttributionRunError(f"{path} has no `queries` list: it is not a ranking.json of attribute.py.")
+    if not ranking.get("model_fingerprint"):
+        log.warning(
+            "%s records no model fingerprint (written by an older attribute.py): it is identified by its model "
+            "path %s only; a different model saved at that path would not be noticed.",
+            path,
+            ranking.get("model"),
+        )
+    return ranking
+
+
 def load_attribution_run(scores_dir: str | Path, num_examples: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """scores.npy and ranking.json of an attribute.py run directory, checked against the data."""
+    """scores.npy and ranking.json of an attribute.py run directory, checked against the data. The
+    ranking carries `model_fingerprint` and `data_fingerprint` (None for older runs): callers comparing
+    several runs check them with `check_same_model`."""
     scores_dir = Path(scores_dir)
     for name in ("scores.npy", "ranking.json"):
         if not (scores_dir / name).is_file():
             raise FileNotFoundError(
                 f"{scores_dir / name} not found: scores= must be a run directory written by attribute.py."
             )
-    score_array = np.load(scores_dir / "scores.npy")
-    ranking = json.loads((scores_dir / "ranking.json").read_text())
+    ranking = read_ranking(scores_dir / "ranking.json")
+    score_array = read_scores(scores_dir / "scores.npy")
     queries = ranking["queries"]
     if score_array.shape != (len(queries), num_examples):
         raise ValueError(
@@ -98,6 +152,41 @@ def load_attribution_run(scores_dir: str | Path, num_examples: int) -> tuple[np.
             f"the data has {num_examples} examples: evaluate with the data the attribution was run on."
         )
     return score_array, ranking
+
+
+def check_same_model(rankings: list[dict[str, Any]], dirs: list[str | Path] | list[str] | list[Path]) -> None:
+    """Runs compared together attributed one model on one data set: their recorded fingerprints
+    (ranking.json `model_fingerprint`, `data_fingerprint`) must agree, whatever paths they name (a
+    checkpoint retrained into the same folder is another model). Runs written before fingerprints were
+    recorded are let through with a warning."""
+    dirs = [str(d) for d in dirs]
+    missing = [d for r, d in zip(rankings, dirs, strict=True) if not r.get("model_fingerprint")]
+    if missing:
+        log.warning(
+            "%s record no model fingerprint (older attribute.py runs): they are compared by model path only.",
+            ", ".join(missing),
+        )
+    for key, what in (("model_fingerprint", "model"), ("data_fingerprint", "data")):
+        reference: tuple[str, dict[str, Any], str] | None = None  # (fingerprint, ranking, run dir)
+        for ranking, run in zip(rankings, dirs, strict=True):
+            value = ranking.get(key)
+            if not value:
+                continue
+            if reference is None:
+                reference = (value, ranking, run)
+                continue
+            if value != reference[0]:
+                claim = ""
+                if what == "model" and ranking.get("model") == reference[1].get("model"):
+                    claim = (
+                        f" although both name the model path {ranking.get('model')} (another model was saved "
+                        "there between the runs)"
+                    )
+                raise AttributionRunError(
+                    f"{run} attributed another {what} ({key} {value}) than {reference[2]} ({reference[0]}){claim}: "
+                    f"runs compared together must be of one {what}. Rerun attribute.py for the stale runs with "
+                    "the current model.path and data=, or compare them separately."
+                )
 
 
 @dataclass

@@ -26,9 +26,10 @@ from diffusion_attribution.attribution.checks import (  # noqa: F401  (re-export
     check_training_data,
     check_vocabulary,
     claim_run_dir,
+    int_setting,
     with_constructor_defaults,
 )
-from diffusion_attribution.attribution.outputs import write_outputs
+from diffusion_attribution.attribution.outputs import check_finite_scores, run_fingerprints, write_outputs
 from diffusion_attribution.attribution.queries import build_queries
 from diffusion_attribution.data.base import CaptionedImageDataModule, parse_id_list
 from diffusion_attribution.evaluation.report import log_to_wandb
@@ -68,6 +69,23 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.masked_copy(trainer_cfg, keep), resolve=True)  # type: ignore[return-value]
 
 
+def inference_device(cfg: DictConfig) -> torch.device:
+    """One device decision, from the trainer config (the sharded sweeps run on the same Trainer
+    settings): trainer=cpu keeps everything on the CPU even where a GPU is visible; trainer=gpu needs
+    one."""
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "cpu"))
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"trainer.accelerator={accelerator} but no CUDA device is visible: use trainer=cpu, or run on a "
+                "machine with a GPU."
+            )
+        return torch.device("cuda")
+    if accelerator == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cpu")
+
+
 def chosen_ids(cfg: DictConfig, num_examples: int) -> np.ndarray | None:
     """`score_ids` (a list, or a .txt/.json/.npy file of ids) as sorted unique ids; None: every id."""
     spec = cfg.get("score_ids")
@@ -89,6 +107,7 @@ def run_attribution(cfg: DictConfig, run_dir: str | Path) -> np.ndarray:
 def attribute(cfg: DictConfig, run_dir: str | Path) -> AttributionResult:
     run_dir = Path(run_dir)
     pl.seed_everything(cfg.seed)
+    int_setting("top_k", cfg.get("top_k"))
     # Every method setting is checked (by the method's constructor) before any work: no model is
     # loaded and no query generated for a run that would fail on a bad setting.
     attributor: Attributor = hydra.utils.instantiate(cfg.method)
@@ -96,8 +115,13 @@ def attribute(cfg: DictConfig, run_dir: str | Path) -> AttributionResult:
     score_ids = chosen_ids(cfg, datamodule.num_examples)
     check_training_data(cfg.model.get("path"), cfg.data)
     model = model_from_config(cfg.model, require_path=True)
-    model.to("cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu").eval()
+    model.to(inference_device(cfg)).eval()
     check_vocabulary(model, datamodule.source.all_captions())
+    # The settings only the model and the data can check (a timestep past the scheduler's, a caption
+    # index no example has), before the queries are generated and the method prepared.
+    check_settings = getattr(attributor, "check_settings", None)
+    if check_settings is not None:
+        check_settings(model, datamodule)
     # Claimed only once the inputs are known to be good: a run that fails on a bad model path or
     # method setting leaves the directory free for the corrected rerun.
     claim_run_dir(run_dir, cfg)
@@ -110,10 +134,15 @@ def attribute(cfg: DictConfig, run_dir: str | Path) -> AttributionResult:
     attributor.prepare(model, datamodule, context)
     prepared = time.perf_counter()
     scores = mask_unscored(attributor.score(queries), score_ids)
+    # Whatever the method: NaN or inf in scores.npy would rank as a plausible, wrong answer downstream.
+    check_finite_scores(scores, attributor.name, queries)
     timing = {"prepare_s": prepared - started, "score_s": time.perf_counter() - prepared}
     metrics = None
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
-        png = write_outputs(run_dir, scores, queries, attributor, datamodule, cfg, timing, score_ids)
+        fingerprints = run_fingerprints(attributor, model, datamodule)
+        png = write_outputs(
+            run_dir, scores, queries, attributor, datamodule, cfg, timing, score_ids, fingerprints
+        )
         log_ranking_to_wandb(cfg, png, run_dir)
         metrics = query_retrieval_metrics(scores, [q.record() for q in queries], datamodule, score_ids)
         if metrics is not None:

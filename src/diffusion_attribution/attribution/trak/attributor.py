@@ -39,6 +39,15 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_attribution.attribution.base import AttributionContext, Attributor
+from diffusion_attribution.attribution.checks import (
+    captions_setting,
+    check_caption_indices,
+    check_timesteps,
+    flips_setting,
+    float_setting,
+    int_setting,
+    timesteps_setting,
+)
 from diffusion_attribution.attribution.queries import Query, QueryError
 from diffusion_attribution.attribution.trak.kernel import (
     example_gram_factor,
@@ -138,21 +147,17 @@ class TRAKAttributor(Attributor):
             raise ValueError(
                 f"Unknown method.gradient_method={gradient_method!r}; options: {GRADIENT_METHODS}."
             )
-        if int(projection_dim) < 1:
-            raise ValueError(f"method.projection_dim must be at least 1, got {projection_dim}.")
-        damping = self.default_damping if damping is None else damping
-        if not float(damping) > 0:
-            raise ValueError(f"method.damping (λ) must be positive, got {damping}.")
+        projection_dim = int_setting("method.projection_dim", projection_dim)
+        damping = float_setting(
+            "method.damping (λ)", self.default_damping if damping is None else damping, "positive and finite"
+        )
         if damping_convention not in DAMPING_CONVENTIONS:
             options = "; ".join(f"{k}: {v}" for k, v in DAMPING_CONVENTIONS.items())
             raise ValueError(f"Unknown method.damping_convention={damping_convention!r}. Options: {options}.")
-        for key, value in (
-            ("batch_size", batch_size),
-            ("shard_size", shard_size),
-            ("block_rows", block_rows),
-        ):
-            if int(value) < 1:
-                raise ValueError(f"method.{key} must be at least 1, got {value}.")
+        batch_size = int_setting("method.batch_size", batch_size)
+        shard_size = int_setting("method.shard_size", shard_size)
+        block_rows = int_setting("method.block_rows", block_rows)
+        buffer_mb = float_setting("method.buffer_mb", buffer_mb)
         self.params = params
         self.projection_dim = int(projection_dim)
         self.projection_kind = projection
@@ -160,15 +165,11 @@ class TRAKAttributor(Attributor):
         self.block_rows = int(block_rows)
         self.damping = float(damping)
         self.damping_convention = damping_convention
-        self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
-        self.num_timesteps = int(num_timesteps)
+        self.timesteps = timesteps_setting("method.timesteps", timesteps)
+        self.num_timesteps = int_setting("method.num_timesteps", num_timesteps)
         # Plain values (Hydra passes lists as ListConfig), as ranking.json records them.
-        self.captions = captions if isinstance(captions, (int, str)) else [int(c) for c in captions]
-        self.flips = flips if isinstance(flips, str) else [bool(f) for f in flips]
-        if isinstance(self.captions, str) and self.captions != "all":
-            raise ValueError(f"method.captions={captions!r}: use all, a count, or a list of caption indices.")
-        if isinstance(self.flips, str) and self.flips != "auto":
-            raise ValueError(f"method.flips={flips!r}: use auto, [false] or [false, true].")
+        self.captions = captions_setting("method.captions", captions)
+        self.flips = flips_setting("method.flips", flips)
         self.batch_size = int(batch_size)
         self.shard_size = int(shard_size)
         self.buffer_mb = float(buffer_mb)
@@ -177,26 +178,20 @@ class TRAKAttributor(Attributor):
 
     # ------------------------------------------------------------------------------- settings
     def _resolve_settings(self, model: TextToImageModel, datamodule: CaptionedImageDataModule) -> None:
-        num_t = int(model.scheduler.config.num_train_timesteps)
-        if self.timesteps is not None:
-            steps = self.timesteps
-        else:  # evenly spaced from 0, as the unlearning sweep ({0, 100, ..., 900} for 10 of 1000)
-            steps = list(range(0, num_t, max(1, num_t // self.num_timesteps)))[: self.num_timesteps]
-        bad = [t for t in steps if not 0 <= t < num_t]
-        if bad or not steps:
-            raise ValueError(f"method.timesteps {bad or steps} must be a non-empty list within [0, {num_t}).")
-        self.resolved_timesteps = steps
-        if self.captions == "all":
-            source = datamodule.source
-            self.caption_indices = list(range(max(len(source.captions(i)) for i in range(len(source)))))
-        elif isinstance(self.captions, int):
-            self.caption_indices = list(range(int(self.captions)))
-        else:
-            self.caption_indices = [int(c) for c in self.captions]
+        """Timesteps, caption indices and flips on this model and data; settings the model or the data
+        cannot honour (a timestep past the scheduler's, a caption no example has) are refused."""
+        self.resolved_timesteps = check_timesteps(
+            "method.timesteps", self.timesteps, self.num_timesteps, model
+        )
+        self.caption_indices = check_caption_indices("method.captions", self.captions, datamodule)
         if self.flips == "auto":
             self.resolved_flips = [False, True] if datamodule.random_flip else [False]
         else:
-            self.resolved_flips = [bool(f) for f in self.flips]
+            self.resolved_flips = list(self.flips)
+
+    def check_settings(self, model: TextToImageModel, datamodule: CaptionedImageDataModule) -> None:
+        """The settings' checks against the model and the data, before any work (jobs/attribute.py)."""
+        self._resolve_settings(model, datamodule)
 
     def train_side_config(self) -> dict[str, Any]:
         """What decides Φ (and so the store's key): not the batch or shard sizes."""
@@ -501,7 +496,7 @@ class JourneyTRAKAttributor(TRAKAttributor):
 
     def __init__(self, query_timestep: int = 400, regeneration_atol: float = 1e-3, **settings: Any) -> None:
         super().__init__(**settings)
-        self.query_timestep = int(query_timestep)
+        self.query_timestep = int_setting("method.query_timestep", query_timestep, minimum=0)
         self.regeneration_atol = float(regeneration_atol)
 
     def config(self) -> dict[str, Any]:

@@ -30,6 +30,15 @@ import torch
 from diffusion_attribution.attribution.base import AttributionContext, Attributor, disk_bytes, mask_unscored
 from diffusion_attribution.attribution.candidates import CandidateRanker
 from diffusion_attribution.attribution.candidates.base import OPTIONS
+from diffusion_attribution.attribution.checks import (
+    captions_setting,
+    check_caption_indices,
+    check_timesteps,
+    flips_setting,
+    float_setting,
+    int_setting,
+    timesteps_setting,
+)
 from diffusion_attribution.attribution.queries import Query
 from diffusion_attribution.attribution.unlearning.scores import FLIP_REDUCTIONS, SCORES, unlearning_scores
 from diffusion_attribution.attribution.unlearning.step import preserved_parameters, unlearn
@@ -96,10 +105,12 @@ class UnlearningAttributor(Attributor):
                 "method/curvature=ekfac covers Linear layers only, and method.params=all includes convolutions "
                 "and norms. Use method.params=kv, cross_attn or attn with ekfac, or method/curvature=diagonal."
             )
-        if target_loss_rise is not None and not target_loss_rise > 0:
-            raise ValueError(
-                f"method.target_loss_rise must be a positive fraction (1.0: the query loss doubles), got "
-                f"{target_loss_rise}; null keeps the fixed method.step_size."
+        if target_loss_rise is not None:
+            target_loss_rise = float_setting(
+                "method.target_loss_rise",
+                target_loss_rise,
+                "a positive fraction (1.0: the query loss doubles)",
+                "; null keeps the fixed method.step_size.",
             )
         if flip_reduction not in FLIP_REDUCTIONS:
             raise ValueError(f"Unknown method.flip_reduction={flip_reduction!r}; options: {FLIP_REDUCTIONS}.")
@@ -110,20 +121,21 @@ class UnlearningAttributor(Attributor):
         # next to AbU in one evaluation); the paper's diagonal Fisher keeps the plain name.
         name = self.curvature.name
         self.name = "unlearning" if name == DiagonalCurvature.name else f"unlearning:{name}"
-        self.steps = steps
-        self.step_size = step_size
-        self.target_loss_rise = None if target_loss_rise is None else float(target_loss_rise)
-        self.num_samples = num_samples
-        self.num_train = num_train
-        self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
-        self.num_timesteps = num_timesteps
-        self.captions = captions
-        self.flips = flips
+        self.steps = int_setting("method.steps", steps)
+        self.step_size = float_setting("method.step_size", step_size)
+        self.target_loss_rise = target_loss_rise
+        self.num_samples = int_setting("method.num_samples", num_samples)
+        self.num_train = None if num_train is None else float_setting("method.num_train", num_train)
+        self.timesteps = timesteps_setting("method.timesteps", timesteps)
+        self.num_timesteps = int_setting("method.num_timesteps", num_timesteps)
+        # Plain values (Hydra passes lists as ListConfig), as ranking.json records them.
+        self.captions = captions_setting("method.captions", captions)
+        self.flips = flips_setting("method.flips", flips)
         self.flip_reduction = flip_reduction
         self.score_kind = score
-        self.batch_size = batch_size
-        self.shard_size = shard_size
-        self.chunk_size = chunk_size
+        self.batch_size = int_setting("method.batch_size", batch_size)
+        self.shard_size = int_setting("method.shard_size", shard_size)
+        self.chunk_size = int_setting("method.chunk_size", chunk_size)
         self.candidates = candidates  # method/candidates: None or `none` = every example
 
     # ------------------------------------------------------------------------------- prepare
@@ -244,27 +256,19 @@ class UnlearningAttributor(Attributor):
     def _sweep_config(
         self, model: TextToImageModel, datamodule: CaptionedImageDataModule, seed: int
     ) -> SweepConfig:
-        num_t = int(model.scheduler.config.num_train_timesteps)
-        if self.timesteps is not None:
-            timesteps = self.timesteps
-        else:  # evenly spaced from 0, as the paper ({0, 50, ..., 950} for 20 of 1000)
-            timesteps = list(range(0, num_t, max(1, num_t // self.num_timesteps)))[: self.num_timesteps]
-        bad = [t for t in timesteps if not 0 <= t < num_t]
-        if bad:
-            raise ValueError(f"method.timesteps {bad} are outside [0, {num_t}) for this model's scheduler.")
-        if self.captions == "all":
-            source = datamodule.source
-            most = max(len(source.captions(i)) for i in range(len(source)))
-            caption_indices = list(range(most))
-        elif isinstance(self.captions, int):
-            caption_indices = list(range(int(self.captions)))
-        else:
-            caption_indices = [int(c) for c in self.captions]
+        """The sweep's timesteps, caption indices and flips on this model and data; settings the model
+        or the data cannot honour (a timestep past the scheduler's, a caption no example has) are refused."""
+        timesteps = check_timesteps("method.timesteps", self.timesteps, self.num_timesteps, model)
+        caption_indices = check_caption_indices("method.captions", self.captions, datamodule)
         if self.flips == "auto":
             flips = [False, True] if datamodule.random_flip else [False]
         else:
-            flips = [bool(f) for f in self.flips]
+            flips = list(self.flips)
         return SweepConfig(tuple(timesteps), tuple(caption_indices), tuple(flips), seed)
+
+    def check_settings(self, model: TextToImageModel, datamodule: CaptionedImageDataModule) -> None:
+        """The settings' checks against the model and the data, before any work (jobs/attribute.py)."""
+        self._sweep_config(model, datamodule, 0)
 
     def config(self) -> dict[str, Any]:
         return {

@@ -116,7 +116,7 @@ def evaluate_leave_k_out(
     queries = load_queries(runs[0], concepts)
     judges = ImageJudges(clip_path, datamodule, reader_cache_dir)
     loss_seed = int(cfg.get("seed", 0))
-    base = load_model(plan.base_checkpoint)
+    base = load_model(plan.base_checkpoint, attributed=runs[0])
     timesteps = loss_timesteps(base, settings.timestep_stride)
     query_refs = {}
     for q in queries:

@@ -3,7 +3,6 @@ saved query latents) of one model and the same queries, and the models they are 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,8 +13,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from diffusion_attribution.evaluation.retrieval import (
+    AttributionRunError,
+    check_same_model,
+    read_ranking,
+    read_scores,
+)
 from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.utils.fingerprint import hash_json
+from diffusion_attribution.utils.fingerprint import hash_json, model_fingerprint
 
 RANDOM_BASELINE = "random"
 
@@ -36,6 +41,15 @@ class AttributionRun:
     @property
     def queries(self) -> list[dict[str, Any]]:
         return self.ranking["queries"]
+
+    @property
+    def model_fingerprint(self) -> str | None:
+        """The attributed model's weights' fingerprint (None: a run written before it was recorded)."""
+        return self.ranking.get("model_fingerprint")
+
+    @property
+    def data_fingerprint(self) -> str | None:
+        return self.ranking.get("data_fingerprint")
 
 
 def query_identity(record: dict[str, Any]) -> dict[str, Any]:
@@ -61,13 +75,24 @@ def load_attribution_runs(paths: Sequence[str | Path] | str | None) -> list[Attr
                 raise LeaveKOutError(
                     f"{path / name} not found: every scores= entry must be a run directory written by attribute.py."
                 )
-        ranking = json.loads((path / "ranking.json").read_text())
-        scores = np.load(path / "scores.npy")
+        try:  # a truncated file or one with NaN/inf is refused, naming the file and the fix
+            ranking = read_ranking(path / "ranking.json")
+            scores = read_scores(path / "scores.npy")
+        except AttributionRunError as error:
+            raise LeaveKOutError(str(error)) from None
         if scores.shape[0] != len(ranking["queries"]):
             raise LeaveKOutError(
                 f"{path}: scores.npy has {scores.shape[0]} rows for {len(ranking['queries'])} queries."
             )
         runs.append(AttributionRun(path, str(ranking.get("method", path.name)), scores, ranking))
+    # One model, however its path is spelled and whatever was saved at that path later: the recorded
+    # fingerprints (runs written before they were recorded pass with a warning).
+    try:
+        check_same_model([run.ranking for run in runs], [run.path for run in runs])
+    except AttributionRunError as error:
+        raise LeaveKOutError(
+            f"{error} Leave-K-out retrains one base model: evaluate runs of one model together."
+        ) from None
     first = runs[0]
     for run in runs[1:]:
         if Path(str(run.ranking.get("model"))).resolve() != Path(str(first.ranking.get("model"))).resolve():
@@ -158,6 +183,16 @@ def load_queries(run: AttributionRun, concepts: dict[str, np.ndarray]) -> list[E
     return queries
 
 
-def load_model(path: str | Path) -> TextToImageModel:
+def load_model(path: str | Path, attributed: AttributionRun | None = None) -> TextToImageModel:
+    """The model at `path`; with `attributed`, it must be the model that run attributed (its recorded
+    fingerprint), not another one saved at the same path since."""
     model = TextToImageModel.from_pretrained(path)
+    if attributed is not None and attributed.model_fingerprint:
+        found = model_fingerprint(model)
+        if found != attributed.model_fingerprint:
+            raise LeaveKOutError(
+                f"{path} now holds another model (fingerprint {found}) than the one {attributed.path} attributed "
+                f"({attributed.model_fingerprint}): it was overwritten since. Rerun attribute.py on the model "
+                "now at that path, or point model.path at the attributed checkpoint."
+            )
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
