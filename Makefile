@@ -23,7 +23,7 @@ test: venv
 	$(PY) -m pytest tests
 
 lint: venv
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && .venv/bin/lint-imports
 
 format: venv
 	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
