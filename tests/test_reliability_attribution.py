@@ -355,3 +355,15 @@ def test_the_device_follows_the_trainer_config(monkeypatch) -> None:
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(RuntimeError, match="trainer.accelerator=gpu but no CUDA device.*trainer=cpu"):
         inference_device(OmegaConf.create({"trainer": {"accelerator": "gpu"}}))
+
+
+def test_a_seed_that_is_not_an_integer_names_the_key() -> None:
+    from omegaconf import OmegaConf
+
+    from diffusion_attribution.attribution.queries import QueryError, query_specs
+
+    for bad in ("abc", 1.5, -1, True):
+        cfg = OmegaConf.create({"prompts": ["a red circle"], "seeds": [bad]})
+        with pytest.raises(QueryError, match=r"query.seeds entry 0 is .* not a sampling seed"):
+            query_specs(cfg)
+    assert query_specs(OmegaConf.create({"prompts": ["a red circle"], "seeds": [3]}))[0]["seed"] == 3

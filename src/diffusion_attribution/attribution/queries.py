@@ -85,6 +85,18 @@ def read_query_file(path: str | Path) -> list[dict[str, Any]]:
     return entries
 
 
+def query_seed(value: Any, where: str) -> int:
+    """A sampling seed: a non-negative integer (not a bool, not a fraction, not a word)."""
+    try:
+        if isinstance(value, bool) or float(value) != int(float(value)) or int(float(value)) < 0:
+            raise ValueError
+        return int(float(value))
+    except (TypeError, ValueError):
+        raise QueryError(
+            f"{where} is {value!r}, not a sampling seed: give non-negative integers, e.g. query.seeds='[0,1]'."
+        ) from None
+
+
 def query_specs(cfg: DictConfig) -> list[dict[str, Any]]:
     """The `query` config as a list of plain dicts (prompt queries first, then image queries)."""
     prompts, seeds = _listify(cfg.get("prompts")), _listify(cfg.get("seeds"))
@@ -100,7 +112,8 @@ def query_specs(cfg: DictConfig) -> list[dict[str, Any]]:
             "query needs its caption."
         )
     specs: list[dict[str, Any]] = [
-        {"prompt": str(p), "seed": int(seeds[k]) if seeds else 0} for k, p in enumerate(prompts)
+        {"prompt": str(p), "seed": query_seed(seeds[k], f"query.seeds entry {k}") if seeds else 0}
+        for k, p in enumerate(prompts)
     ]
     specs += [{"image": str(i), "caption": str(c)} for i, c in zip(images, captions, strict=True)]
     for key in ("boxes", "masks", "relevant_ids", "concepts"):
@@ -200,7 +213,7 @@ def build_queries(
         generated = generate(
             model,
             [s["prompt"] for s in prompt_specs],
-            [int(s.get("seed", 0)) for s in prompt_specs],
+            [query_seed(s.get("seed", 0), f"the seed of query {s.get('prompt')!r}") for s in prompt_specs],
             num_steps=num_steps,
             guidance_scale=guidance_scale,
             sampler=sampler,
