@@ -23,6 +23,7 @@ class Stream(IntEnum):
     TRAINING_LOSS = 103  # an example's noise, timestep and caption dropout in a keyed training epoch
     RANDOM_SUBSET = 211  # random exclusion sets (leave-K-out baseline, LDS subsets)
     QUERY_NOISE = 301  # the fixed noise of a query's ΔL in leave-K-out
+    SENSITIVITY_BANK = 401  # the training captions and sampling seeds of the sensitivity bank
     ENCODE = 3_301_977  # VAE posterior samples of encoded examples (compute/inputs.py)
     PROJECTION = 3_904_227  # the blocks of TRAK's random projection
     QUERY = 5_162_017  # the (timestep, noise) samples of an unlearned query's loss

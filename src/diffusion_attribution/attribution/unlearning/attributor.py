@@ -41,6 +41,12 @@ from diffusion_attribution.attribution.checks import (
 )
 from diffusion_attribution.attribution.queries import Query
 from diffusion_attribution.attribution.unlearning.scores import FLIP_REDUCTIONS, SCORES, unlearning_scores
+from diffusion_attribution.attribution.unlearning.sensitivity import (
+    SensitivitySettings,
+    bank_queries,
+    correct,
+)
+from diffusion_attribution.attribution.unlearning.sensitivity import describe as describe_sensitivity
 from diffusion_attribution.attribution.unlearning.step import preserved_parameters, unlearn
 from diffusion_attribution.compute.sharded import shard_path
 from diffusion_attribution.curvature.base import Curvature
@@ -56,6 +62,7 @@ from diffusion_attribution.models.weight_subsets import (
 )
 from diffusion_attribution.objective.loss import mask_to_latent
 from diffusion_attribution.objective.sweep import SweepConfig, run_loss_sweep
+from diffusion_attribution.utils.atomic import atomic_save_tensors, load_checked_tensors
 from diffusion_attribution.utils.fingerprint import (
     data_fingerprint,
     hash_json,
@@ -88,6 +95,7 @@ class UnlearningAttributor(Attributor):
         shard_size: int = 256,
         chunk_size: int = 64,
         candidates: CandidateRanker | None = None,
+        sensitivity: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Checked here, when the config is read: a bad setting would otherwise surface only in
@@ -137,6 +145,9 @@ class UnlearningAttributor(Attributor):
         self.shard_size = int_setting("method.shard_size", shard_size)
         self.chunk_size = int_setting("method.chunk_size", chunk_size)
         self.candidates = candidates  # method/candidates: None or `none` = every example
+        self.sensitivity = SensitivitySettings(
+            **dict(sensitivity or {})
+        )  # method.sensitivity (sensitivity.py)
 
     # ------------------------------------------------------------------------------- prepare
     def prepare(
@@ -282,6 +293,7 @@ class UnlearningAttributor(Attributor):
             "sweep": self.sweep_config.to_dict() if hasattr(self, "sweep_config") else None,
             "flip_reduction": self.flip_reduction,
             "score": self.score_kind,
+            "sensitivity": describe_sensitivity(self.sensitivity) if self.sensitivity.enabled else None,
         }
 
     def train_side_bytes(self) -> int:
@@ -294,6 +306,57 @@ class UnlearningAttributor(Attributor):
 
     # --------------------------------------------------------------------------------- score
     def score(self, queries: list[Query]) -> np.ndarray:
+        """Scores [len(queries), num_examples] (`_score`), relative to the sensitivity bank's per-image
+        mean (and spread) with method.sensitivity (sensitivity.py; re-masked off a shortlist)."""
+        scores = self._score(queries, self.context.run_dir / "sweeps", keep_records=True)
+        if not self.sensitivity.enabled:
+            return scores
+        mean, std = self._sensitivity_bank()
+        corrected = correct(scores, mean, std, self.sensitivity.correction)
+        for k, ids in enumerate(self._shortlists):
+            if len(ids) < self.num_examples:  # off the shortlist (or score_ids): below every scored one
+                masked = np.zeros_like(corrected[k])
+                masked[ids] = corrected[k, ids]
+                corrected[k] = mask_unscored(masked[None], ids)[0]
+        return corrected
+
+    def _sensitivity_bank(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-image mean and std of the scores over the bank (cached per model, data and settings)."""
+        settings = [
+            self.identity,
+            self.config(),
+            describe_sensitivity(self.sensitivity),
+            self.all_ids.tolist(),
+        ]
+        key = hash_json(settings)
+        path = self.context.cache_dir / "sensitivity" / f"{key}.safetensors"
+        if path.is_file():
+            bank, _ = load_checked_tensors(path, "delete it so that the bank is recomputed")
+            log.info("Sensitivity bank loaded from %s", path)
+            return bank["mean"].numpy(), bank["std"].numpy()
+        started = time.perf_counter()
+        queries = bank_queries(self.model, self.datamodule, self.sensitivity)
+        ranker, self.ranker = self.ranker, None  # the bank covers every example
+        try:
+            raw = self._score(queries, path.with_suffix(".sweeps"), keep_records=False)
+        finally:
+            self.ranker = ranker
+        columns = raw[:, self.all_ids]
+        mean, std = np.zeros(self.num_examples, np.float32), np.ones(self.num_examples, np.float32)
+        mean[self.all_ids] = columns.mean(0)
+        if len(queries) > 1:
+            std[self.all_ids] = columns.std(0, ddof=1)
+        atomic_save_tensors(path, {"mean": torch.from_numpy(mean), "std": torch.from_numpy(std)})
+        self.timing["sensitivity_bank_s"] = time.perf_counter() - started
+        log.info(
+            "Sensitivity bank of %d images in %.1f s: %s",
+            len(queries),
+            self.timing["sensitivity_bank_s"],
+            path,
+        )
+        return mean, std
+
+    def _score(self, queries: list[Query], sweep_root: Path, keep_records: bool) -> np.ndarray:
         """Scores [len(queries), num_examples]. Without candidates, columns outside self.all_ids (a
         chosen subset) stay 0 here and the job masks them (mask_unscored). With method/candidates, each
         query's after-unlearning sweep covers its shortlist only, and every column off the shortlist
@@ -318,6 +381,7 @@ class UnlearningAttributor(Attributor):
             }
         else:
             shortlists = [self.all_ids] * len(queries)
+        self._shortlists = shortlists
         for k, query in enumerate(queries):
             started = time.perf_counter()
             ids = shortlists[k]
@@ -348,7 +412,7 @@ class UnlearningAttributor(Attributor):
                     self.dataset,
                     ids,
                     self.sweep_config,
-                    self.context.run_dir / "sweeps" / f"query_{k:03d}",
+                    sweep_root / f"query_{k:03d}",
                     {**self.identity, "unlearned": unlearned, "query": query.caption},
                     batch_size=self.batch_size,
                     shard_size=self.shard_size,
@@ -372,6 +436,8 @@ class UnlearningAttributor(Attributor):
             if pruned:  # off the shortlist: below every shortlisted score (see the docstring)
                 scores[k] = mask_unscored(scores[k : k + 1], ids)[0]
             delta = (after - before).nanmean(dim=1).mean(dim=-1)
+            if not keep_records:
+                continue
             self.query_records.append(
                 {
                     **record.as_dict(),
