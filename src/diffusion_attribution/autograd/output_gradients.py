@@ -21,10 +21,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from diffusion_attribution.autograd.linear_grads import linear_owners, linear_per_sample_grads
-from diffusion_attribution.autograd.per_sample import split_parameters, vmap_friendly_attention
+from diffusion_attribution.autograd.per_sample import (
+    functional_per_sample_gradients,
+    vmap_friendly_attention,
+)
 from diffusion_attribution.data.base import CaptionedImageDataset
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.objective.loss import encode_captions, noisy_inputs
@@ -70,34 +72,19 @@ def per_sample_output_gradients(
 
         return linear_per_sample_grads(unet, params, batch_values, dtype=torch.float64)
 
-    theta, frozen = split_parameters(unet, params)
+    def example_value(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return output_values(prediction, output, target, mask)
 
-    def example_value(
-        theta: dict[str, torch.Tensor],
-        noisy: torch.Tensor,
-        timestep: torch.Tensor,
-        text: torch.Tensor,
-        target: torch.Tensor,
-    ) -> torch.Tensor:
-        prediction = functional_call(
-            unet, {**frozen, **theta}, (noisy[None], timestep[None]), {"encoder_hidden_states": text[None]}
-        ).sample
-        return output_values(prediction, output, target[None], mask)[0]
-
-    # grad() ignores no_grad inside; it stops autograd tracking outside
-    with torch.no_grad(), vmap_friendly_attention(unet):
+    args = (unet, params, example_value, noisy, timesteps, text_states, target)
+    with vmap_friendly_attention(unet):
         if method == "vmap":
             try:
-                fn = vmap(grad(example_value), in_dims=(None, 0, 0, 0, 0))
-                grads = fn(theta, noisy, timesteps, text_states, target)
+                grads = functional_per_sample_gradients(*args, method="vmap")
                 return {name: value.to(torch.float64) for name, value in grads.items()}
             except (RuntimeError, NotImplementedError):
                 pass  # a layer without a batching rule: the same function, one example at a time
-        rows = [
-            grad(example_value)(theta, noisy[i], timesteps[i], text_states[i], target[i])
-            for i in range(noisy.shape[0])
-        ]
-    return {name: torch.stack([row[name] for row in rows]).to(torch.float64) for name in theta}
+        grads = functional_per_sample_gradients(*args, method="loop")
+    return {name: value.to(torch.float64) for name, value in grads.items()}
 
 
 def training_gradient_means(

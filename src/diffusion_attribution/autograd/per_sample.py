@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -56,6 +56,50 @@ def split_parameters(
     return theta, frozen
 
 
+def functional_per_sample_gradients(
+    unet: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    example_value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    text_states: torch.Tensor,
+    target: torch.Tensor,
+    method: str = "vmap",
+    vmap_chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Exact gradients [B, *shape] w.r.t. `params` of each example's `example_value(prediction [1, ...],
+    target [1, ...]) -> [1]`, the UNet called through `functional_call` with the other weights as
+    constants (otherwise autograd would build per-sample gradients of every convolution too).
+
+    method="vmap": one vectorised call; "loop": the same function one example at a time.
+    """
+    if method not in ("vmap", "loop"):
+        raise ValueError(f"Unknown per-sample gradient method {method!r}: use 'vmap' or 'loop'.")
+    theta, frozen = split_parameters(unet, params)
+
+    def value(
+        theta: dict[str, torch.Tensor],
+        noisy: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        target: torch.Tensor,
+    ) -> torch.Tensor:
+        prediction = functional_call(
+            unet, {**frozen, **theta}, (noisy[None], timestep[None]), {"encoder_hidden_states": text[None]}
+        ).sample
+        return example_value(prediction, target[None])[0]
+
+    with torch.no_grad():  # grad() ignores it inside; it stops autograd tracking outside
+        if method == "vmap":
+            fn = vmap(grad(value), in_dims=(None, 0, 0, 0, 0), chunk_size=vmap_chunk_size)
+            return fn(theta, noisy, timesteps, text_states, target)
+        rows = [
+            grad(value)(theta, noisy[i], timesteps[i], text_states[i], target[i])
+            for i in range(noisy.shape[0])
+        ]
+    return {name: torch.stack([row[name] for row in rows]) for name in theta}
+
+
 def per_sample_gradients(
     unet: nn.Module,
     params: Mapping[str, torch.Tensor],
@@ -66,32 +110,6 @@ def per_sample_gradients(
     method: str = "vmap",
     vmap_chunk_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Exact gradients [B, *shape] of each example's mean squared error w.r.t. `params`.
-
-    method="vmap": one vectorised call; "loop": the same function one example at a time.
-    """
-    if method not in ("vmap", "loop"):
-        raise ValueError(f"Unknown per-sample gradient method {method!r}: use 'vmap' or 'loop'.")
-    theta, frozen = split_parameters(unet, params)
-
-    def example_loss(
-        theta: dict[str, torch.Tensor],
-        noisy: torch.Tensor,
-        timestep: torch.Tensor,
-        text: torch.Tensor,
-        target: torch.Tensor,
-    ) -> torch.Tensor:
-        out = functional_call(
-            unet, {**frozen, **theta}, (noisy[None], timestep[None]), {"encoder_hidden_states": text[None]}
-        ).sample
-        return per_example_loss(out, target[None])[0]
-
-    with torch.no_grad():  # grad() ignores it inside; it stops autograd tracking outside
-        if method == "vmap":
-            fn = vmap(grad(example_loss), in_dims=(None, 0, 0, 0, 0), chunk_size=vmap_chunk_size)
-            return fn(theta, noisy, timesteps, text_states, target)
-        rows = [
-            grad(example_loss)(theta, noisy[i], timesteps[i], text_states[i], target[i])
-            for i in range(noisy.shape[0])
-        ]
-    return {name: torch.stack([row[name] for row in rows]) for name in theta}
+    """Exact gradients [B, *shape] of each example's diffusion loss w.r.t. `params` (the Fisher's)."""
+    args = (noisy, timesteps, text_states, target, method, vmap_chunk_size)
+    return functional_per_sample_gradients(unet, params, per_example_loss, *args)
