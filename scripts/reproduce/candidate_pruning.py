@@ -102,7 +102,7 @@ def main() -> None:
     out = (args.out or ROOT / "outputs" / "candidate_pruning" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     full_scores = np.load(full / "scores.npy")
-    rows = [{"ranker": "none (full)", "k": 1.0, **summarise(full)}]
+    rows = [{"ranker": "none (full)", "k": 1.0, **summarise(full), "full_top100_in_shortlist": 1.0}]
     for ranker in args.rankers:
         for fraction in args.fractions:
             run_dir = out / f"{ranker}_{fraction:g}"
@@ -138,7 +138,7 @@ def main() -> None:
         for r in rows
     ]
     report.write_text(out / "pruning.md", report.markdown_table(columns, table) + "\n")
-    report.write_csv(out / "pruning.csv", rows)
+    report.write_csv(out / "pruning.csv", rows, fieldnames=columns + ["shortlist"])
     series = {
         ranker: (
             [r["sweep_after_s"] for r in rows if r["ranker"] == ranker],
