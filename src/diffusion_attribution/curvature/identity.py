@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffusion_attribution.curvature.base import Curvature
-from diffusion_attribution.data.base import CaptionedImageDataset
-from diffusion_attribution.models.pipeline import TextToImageModel
 
 
 class IdentityCurvature(Curvature):
@@ -24,18 +22,7 @@ class IdentityCurvature(Curvature):
     def settings(self) -> dict[str, Any]:
         return {"curvature": self.name}
 
-    def fit(
-        self,
-        model: TextToImageModel,
-        dataset: CaptionedImageDataset,
-        ids: Sequence[int],
-        params: str,
-        out_dir: Path,
-        identity: dict[str, Any],
-        batch_size: int = 64,
-        seed: int = 0,
-        trainer_kwargs: dict[str, Any] | None = None,
-    ) -> None:
+    def fit(self, *args: Any, **kwargs: Any) -> None:  # nothing to fit
         pass
 
     def save(self, path: Path) -> None:
