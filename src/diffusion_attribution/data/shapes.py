@@ -45,7 +45,7 @@ HALO = (0, 215, 215)
 # background or other concept has. With one white for all patterns (`white`, the first world) the
 # tiny model learns "a white pattern on the shape" as one shared feature: unlearning a striped image
 # raised the loss of barred, checkered and split images about alike, so "the 20 striped images and
-# no others" was not a faithful ground truth (README, issue 4). Hollow keeps its hole (the background
+# no others" was not a faithful ground truth. Hollow keeps its hole (the background
 # shows through) and haloed its cyan halo in both styles.
 CONCEPT_COLOURS: dict[str, tuple[int, int, int]] = {
     "striped": (225, 50, 225),  # magenta
