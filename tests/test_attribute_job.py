@@ -18,14 +18,14 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from PIL import Image
 
-from diffusion_attribution.data.base import tensor_to_image
-from diffusion_attribution.data.shapes import ShapesDataModule
-from diffusion_attribution.jobs.attribute import (
+from diffusion_attribution.attribution.checks import (
     TrainingDataMismatchError,
     VocabularyMismatchError,
     check_training_data,
-    run_attribution,
 )
+from diffusion_attribution.data.base import tensor_to_image
+from diffusion_attribution.data.shapes import ShapesDataModule
+from diffusion_attribution.jobs.attribute import run_attribution
 from diffusion_attribution.jobs.train import run_training
 from diffusion_attribution.models.build import build_tiny_model
 from diffusion_attribution.models.pipeline import CheckpointError

@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer, CLIPTextModel
 
 from diffusion_attribution.data.base import collate_examples
-from diffusion_attribution.jobs.train import resolve_resume, run_training
+from diffusion_attribution.jobs.train import run_training
 from diffusion_attribution.models.pipeline import CONFIG_FILE, TextToImageModel
+from diffusion_attribution.training.fit import resolve_resume
 from diffusion_attribution.training.module import DiffusionTrainingModule, warmup_cosine
 
 

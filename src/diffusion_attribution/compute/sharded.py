@@ -79,15 +79,16 @@ def stop_requested() -> bool:
 
 def check_stop() -> None:
     """For shard functions with their own loops: raise ShardStopped if the sweep was asked to stop.
-    (Every module call inside a shard checks this already; see `_stopping_within_shard`.)"""
+    (Every call of the model's parts inside a shard checks this already; see `_stopping_within_shard`.)"""
     if stop_requested():
         raise ShardStopped()
 
 
 @contextlib.contextmanager
-def _stopping_within_shard(should_stop: Callable[[], bool]) -> Iterator[None]:
-    """While a shard is computed, every nn.Module call first checks `should_stop` (a global forward
-    pre-hook), so a SIGTERM stops the work within one batch, whatever loop the shard function runs."""
+def _stopping_within_shard(should_stop: Callable[[], bool], model: nn.Module) -> Iterator[None]:
+    """While a shard is computed, every call of the model's top-level parts (UNet, text encoder, VAE:
+    once per batch) first checks `should_stop`, so a SIGTERM stops the work within one batch, whatever
+    loop the shard function runs. The hooks sit on those parts only, not on every layer's call."""
     global _active_stop_check
     previous = _active_stop_check
     _active_stop_check = should_stop
@@ -95,11 +96,13 @@ def _stopping_within_shard(should_stop: Callable[[], bool]) -> Iterator[None]:
     def hook(module: nn.Module, args: Any) -> None:
         check_stop()
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    parts = list(model.children()) or [model]
+    handles = [part.register_forward_pre_hook(hook) for part in parts]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         _active_stop_check = previous
 
 
@@ -134,7 +137,7 @@ class ShardedPredictModule(pl.LightningModule):
                 )
             ids = self.ids[shard * self.shard_size : (shard + 1) * self.shard_size]
             try:
-                with _stopping_within_shard(self._received_sigterm):
+                with _stopping_within_shard(self._received_sigterm, self.model):
                     result = self.shard_fn(ids)
             except ShardStopped:
                 raise SweepInterrupted(

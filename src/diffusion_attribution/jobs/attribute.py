@@ -19,15 +19,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_attribution.attribution.base import AttributionContext, Attributor, mask_unscored
-from diffusion_attribution.attribution.checks import (  # noqa: F401  (re-exported for callers)
-    LOADER_ONLY_DATA_KEYS,
-    TrainingDataMismatchError,
-    VocabularyMismatchError,
+from diffusion_attribution.attribution.checks import (
     check_training_data,
     check_vocabulary,
     claim_run_dir,
     int_setting,
-    with_constructor_defaults,
 )
 from diffusion_attribution.attribution.outputs import check_finite_scores, run_fingerprints, write_outputs
 from diffusion_attribution.attribution.queries import build_queries

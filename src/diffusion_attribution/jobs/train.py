@@ -7,9 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from diffusion_attribution.training.fit import customize_model, resolve_resume, train_model
-
-__all__ = ["resolve_resume", "run_training"]
+from diffusion_attribution.training.fit import customize_model, train_model
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
