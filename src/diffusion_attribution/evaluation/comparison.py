@@ -202,10 +202,7 @@ def run_comparison(
     results = [evaluate_run(d, datamodule, concepts) for d in dirs]
     check_same_model([r.ranking for r in results], dirs)
     check_same_queries(results, dirs)
-    hub_results = [
-        hubness.run_hubness(d, r, datamodule, concepts, top_k, min_queries)
-        for d, r in zip(dirs, results, strict=True)
-    ]
+    hub_results = [hubness.run_hubness(r, top_k, min_queries) for d, r in zip(dirs, results, strict=True)]
     rows = comparison_rows(results, dirs, hub_results)
 
     report.write_csv(run_dir / "comparison.csv", rows)

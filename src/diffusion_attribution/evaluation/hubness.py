@@ -35,7 +35,7 @@ import numpy as np
 
 from diffusion_attribution.data.base import CaptionedImageDataModule
 from diffusion_attribution.evaluation import report
-from diffusion_attribution.evaluation.retrieval import RetrievalResult, load_attribution_run, relevant_ids_for
+from diffusion_attribution.evaluation.retrieval import RetrievalResult
 
 DEFAULT_TOP_K = 10
 DEFAULT_MIN_QUERIES = 2
@@ -190,22 +190,17 @@ def hubness(
 
 
 def run_hubness(
-    scores_dir: str | Path,
     result: RetrievalResult,
-    datamodule: CaptionedImageDataModule,
-    concepts: dict[str, np.ndarray],
     top_k: int = DEFAULT_TOP_K,
     min_queries: float = DEFAULT_MIN_QUERIES,
 ) -> Hubness:
     """The hub diagnostic of an attribute.py run on the queries its retrieval evaluation kept (those
-    with ground truth), with the same relevant ids."""
-    scores, ranking = load_attribution_run(scores_dir, datamodule.num_examples)
+    with ground truth), with the same scores and relevant ids."""
+    if result.scores is None or result.relevant is None:
+        raise ValueError("run_hubness needs a RetrievalResult from evaluate_run (it keeps the scores).")
     kept = [int(row["query"]) for row in result.rows]
-    relevant = []
-    for q in kept:
-        ids = relevant_ids_for(ranking["queries"][q], concepts)
-        relevant.append(np.asarray(ids if ids is not None else [], dtype=np.int64))
-    return hubness(scores[kept], relevant, top_k=top_k, min_queries=min_queries, query_ids=kept)
+    relevant = [np.asarray(ids, dtype=np.int64) for ids in result.relevant]
+    return hubness(result.scores, relevant, top_k=top_k, min_queries=min_queries, query_ids=kept)
 
 
 def hub_list(result: Hubness, datamodule: CaptionedImageDataModule, limit: int) -> list[dict[str, Any]]:

@@ -197,6 +197,8 @@ class RetrievalResult:
     rows: list[dict[str, Any]]  # per evaluated query: query index, caption, num_relevant, metrics
     mean: dict[str, float]
     sem: dict[str, float]
+    scores: np.ndarray | None = None  # [evaluated queries, examples]: the rows of `rows`, in order
+    relevant: list[np.ndarray] | None = None  # each evaluated query's relevant ids
 
     @property
     def metric_names(self) -> list[str]:
@@ -236,7 +238,7 @@ def evaluate_run(
     mean, sem = {}, {}
     for name in per_query[0]:
         mean[name], sem[name] = mean_and_sem([r[name] for r in per_query])
-    return RetrievalResult(ranking, rows, mean, sem)
+    return RetrievalResult(ranking, rows, mean, sem, score_array[keep], relevant)
 
 
 def query_retrieval_metrics(

@@ -60,7 +60,7 @@ def run_retrieval_benchmark(
     summary = report.with_headline(result.summary(), "map", mean.get("ap"))
 
     run_dir = Path(run_dir)
-    hub = hubness.run_hubness(scores, result, datamodule, concepts, hubs["top_k"], hubs["min_queries"])
+    hub = hubness.run_hubness(result, hubs["top_k"], hubs["min_queries"])
     hub_rows = hubness.hub_list(hub, datamodule, hubs["list_size"])
     summary["hubness"] = hub.summary(hub_rows)
     report.write_text(run_dir / "hubness.md", hubness.markdown(hub, hub_rows))
