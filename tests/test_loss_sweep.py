@@ -10,10 +10,11 @@ from PIL import Image
 from small_models import small_model, small_world
 
 from diffusion_attribution.attribution.unlearning.scores import reduce_flips, unlearning_scores
+from diffusion_attribution.compute.input_cache import encode_inputs
 from diffusion_attribution.data.base import CaptionedImageDataset, CaptionedImageSource
 from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.objective.sweep import per_sample_losses
-from diffusion_attribution.utils.seeding import keyed_randn
+from diffusion_attribution.objective.sweep import SweepEngine, per_sample_losses
+from diffusion_attribution.utils.seeding import counter_randn, keyed_randn
 
 TIMESTEPS = [0, 250, 500, 999]
 
@@ -42,16 +43,24 @@ def test_independent_of_batch_size_and_order(world) -> None:
     assert not torch.allclose(other, small)
 
 
-def test_matches_a_direct_computation(world) -> None:
+@pytest.mark.parametrize("kind", ["counter", "legacy"])
+def test_matches_a_direct_computation(world, kind: str) -> None:
     model, dataset = world
     example_id, caption_index, flip = 5, 1, True
-    losses = per_sample_losses(model, dataset, [example_id], TIMESTEPS, [caption_index], [flip], 11, 64)
+    losses = per_sample_losses(
+        model, dataset, [example_id], TIMESTEPS, [caption_index], [flip], 11, 64, noise=kind
+    )
     example = dataset.example(example_id, caption_index, flip)
     latents = model.encode_images(example["pixel_values"][None])
     expected = []
     with torch.no_grad():
         for t in TIMESTEPS:
-            noise = keyed_randn(model.latent_shape, 11, example_id, caption_index, t, 1)[None]
+            keys = (11, example_id, caption_index, t, 1)
+            noise = (
+                keyed_randn(model.latent_shape, *keys)[None]
+                if kind == "legacy"
+                else counter_randn(torch.tensor([keys]), model.latent_shape)
+            )
             timestep = torch.tensor([t])
             prediction = model.predict(
                 model.add_noise(latents, noise, timestep), timestep, model.encode_text([example["caption"]])
@@ -131,3 +140,53 @@ def test_bad_inputs(world) -> None:
         per_sample_losses(model, dataset, [0], [])
     with pytest.raises(ValueError, match="batch_size"):
         per_sample_losses(model, dataset, [0], [0], batch_size=0)
+    with pytest.raises(ValueError, match="noise='philox'.*counter"):
+        per_sample_losses(model, dataset, [0], [0], noise="philox")
+    with pytest.raises(ValueError, match="precision='fp16'.*bf16"):
+        per_sample_losses(model, dataset, [0], [0], precision="fp16")
+
+
+def _cached(model, dataset, ids, flips, captions):
+    from diffusion_attribution.compute.input_cache import SweepInputs
+
+    encoded = encode_inputs(model, dataset, ids, flips, captions, batch_size=5)
+    return SweepInputs(
+        torch.tensor(sorted(ids)), tuple(flips), tuple(captions), encoded["inputs"], encoded["text_states"]
+    )
+
+
+def test_the_input_cache_gives_the_same_losses(world) -> None:
+    model, dataset = world
+    ids = list(range(0, 40, 3))
+    args = {
+        "timesteps": TIMESTEPS,
+        "caption_indices": [2, 0],
+        "flips": (False, True),
+        "seed": 3,
+        "batch_size": 16,
+    }
+    plain = per_sample_losses(model, dataset, ids, **args)
+    # the cache covers more ids, flips and captions than asked for, in another order
+    inputs = _cached(model, dataset, list(range(40)), [True, False], [0, 1, 2])
+    cached = per_sample_losses(model, dataset, ids[::-1], inputs=inputs, **args).flip(0)
+    torch.testing.assert_close(cached, plain, rtol=1e-6, atol=1e-7)
+    with pytest.raises(KeyError, match="no inputs for ids"):
+        per_sample_losses(model, dataset, [41], inputs=inputs, **args)
+    with pytest.raises(KeyError, match="caption indices"):
+        per_sample_losses(
+            model, dataset, ids, inputs=_cached(model, dataset, ids, [False, True], [0]), **args
+        )
+
+
+def test_bf16_and_channels_last_stay_close_to_fp32(world) -> None:
+    model, dataset = world
+    ids = list(range(0, 40, 2))
+    args = {"timesteps": TIMESTEPS, "caption_indices": [0], "seed": 1, "batch_size": 16}
+    fp32 = per_sample_losses(model, dataset, ids, **args)
+    channels_last = per_sample_losses(model, dataset, ids, engine=SweepEngine(channels_last=True), **args)
+    torch.testing.assert_close(channels_last, fp32, rtol=1e-4, atol=1e-6)
+    assert model.unet.conv_in.weight.is_contiguous()  # the memory format is put back
+    bf16 = per_sample_losses(model, dataset, ids, precision="bf16", **args)
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=1e-3)

@@ -164,7 +164,9 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
     return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
 
 
-def _check_folder(out_dir: Path, meta_path: Path, meta: dict[str, Any]) -> int:
+def _check_folder(
+    out_dir: Path, meta_path: Path, meta: dict[str, Any], hints: dict[str, str] | None = None
+) -> int:
     """Compare the folder's sweep.json with this run's; return the shard size to use. A folder made
     with another identity or other ids is refused, naming every key that differs. One that differs only
     in shard_size keeps its own (results do not depend on the shard size), so no finished shard is lost."""
@@ -173,10 +175,14 @@ def _check_folder(out_dir: Path, meta_path: Path, meta: dict[str, Any]) -> int:
     new_rest = {k: v for k, v in meta.items() if k != "shard_size"}
     if old_rest != new_rest:
         changed = _differences(old_rest, new_rest)
+        advice = [
+            text for key, text in (hints or {}).items() if any(c.startswith(f"{key}:") for c in changed)
+        ]
         raise ValueError(
             f"{out_dir} already holds results of a different run (its sweep.json differs in: "
             f"{'; '.join(changed)}); refusing to mix them. Point the run at another directory (a new Hydra "
             "run dir, or another cache_dir), or run with the settings recorded there."
+            + "".join(f" {text}" for text in advice)
         )
     old_size = int(existing.get("shard_size", meta["shard_size"]))
     if old_size != meta["shard_size"]:
@@ -218,6 +224,7 @@ def run_sharded(
     shard_size: int = 256,
     trainer_kwargs: dict[str, Any] | None = None,
     description: str = "sweep",
+    hints: dict[str, str] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Run `shard_fn` over `ids` in shards (resuming from `out_dir`) and return every shard's result.
 
@@ -225,6 +232,8 @@ def run_sharded(
     different identity is refused rather than mixed (the message names the keys that differ). A folder
     written with another shard size is resumed in its own shard size. Shards whose checksum fails are
     recomputed. `shard_fn` may call `check_stop()` between batches; every module call checks it too.
+    `hints` maps a key of sweep.json (dotted, e.g. "identity.sweep.noise") to a sentence added to the
+    refusal when that key differs: what to do about it.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +246,7 @@ def run_sharded(
     }
     meta_path = out_dir / "sweep.json"
     if meta_path.is_file():
-        shard_size = _check_folder(out_dir, meta_path, meta)
+        shard_size = _check_folder(out_dir, meta_path, meta, hints)
     else:
         atomic_write_text(meta_path, json.dumps(meta, indent=2))
     num_shards = (len(ids) + shard_size - 1) // shard_size

@@ -1,4 +1,8 @@
-"""TODO docstring (diffusion_attribution.curvature.diagonal)."""
+"""The keyed random draws (timestep, caption, flip, noise) of the per-example quantities outside the
+loss sweep: a Fisher / EK-FAC sample of a training example (`fisher_draw`), the (timestep, noise)
+samples of an unlearned query's loss (`query_draws`). Each comes from a generator keyed by what it is for (utils/seeding.py: seed, stream, example or step, sample
+index), never by when it is drawn, so the results do not depend on batch size, order or sharding.
+(The loss sweep draws its own noise: objective/sweep.py.)"""
 
 from __future__ import annotations
 

@@ -5,11 +5,23 @@ sweeps see identical noise and the result does not depend on batch size, order o
 Examples with fewer captions than asked for get NaN in the missing caption slots (rather than a
 repeated caption, which would weight some captions twice): reduce over captions with `nanmean`, as
 `unlearning_scores` does.
+
+The noise (`noise`): "counter" (the default) draws a whole batch's noise in one call of
+`counter_randn`; "legacy" is the per-combination `keyed_randn` of the first sweeps, kept so that
+results measured with it stay reproducible (its sweeps keep their cache keys). The two give different
+noise and so different (equally valid) losses: a sweep is never mixed across them.
+
+The engine: with `inputs` (compute/input_cache.py) the UNet's clean inputs and text states are read
+from a per-model cache instead of being decoded and encoded in every sweep; `precision="bf16"` runs the
+UNet forward under bfloat16 autocast (the loss itself in float32; it changes the numbers, so it is
+part of a sweep's key); `SweepEngine` holds the settings that change the numbers by float rounding
+only (torch.compile, channels-last memory format).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +30,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_attribution.compute.sharded import run_sharded
+from diffusion_attribution.compute.input_cache import SweepInputs
+from diffusion_attribution.compute.sharded import check_stop, run_sharded
 from diffusion_attribution.data.base import CaptionedImageDataset
 from diffusion_attribution.models.pipeline import TextToImageModel
-from diffusion_attribution.objective.loss import diffusion_loss, encode_captions, evaluation_mode
-from diffusion_attribution.utils.seeding import keyed_randn
+from diffusion_attribution.objective.loss import (
+    encode_captions,
+    evaluation_mode,
+    noisy_inputs,
+    per_example_loss,
+)
+from diffusion_attribution.utils.seeding import counter_randn, keyed_randn
+
+NOISES = ("counter", "legacy")
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_choice(name: str, value: Any, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError(f"Unknown {name}={value!r}; options: {' | '.join(options)}.")
+    return str(value)
 
 
 def _check_timesteps(timesteps: Sequence[int], num_timesteps: int) -> list[int]:
@@ -33,6 +60,80 @@ def _check_timesteps(timesteps: Sequence[int], num_timesteps: int) -> list[int]:
     if bad:
         raise ValueError(f"Timesteps {bad} are outside the model's range 0..{num_timesteps - 1}.")
     return steps
+
+
+@dataclass(frozen=True)
+class SweepEngine:
+    """How the sweep runs the UNet, in ways that change its losses by float rounding only (so not part
+    of a sweep's cache key): `compile` wraps the UNet's forward in torch.compile (once per UNet, static
+    shapes: the first batch of each batch size pays the compilation, and a short last batch is padded
+    to the batch size), `channels_last` runs the UNet in channels-last memory format."""
+
+    compile: bool = False
+    channels_last: bool = False
+
+
+def _compiled_forward(unet: torch.nn.Module) -> Callable[..., Any]:
+    """torch.compile of the UNet's forward, made once per UNet object and kept on it (the bound
+    method, not the module, is compiled: the module keeps its children and forward hooks)."""
+    compiled = unet.__dict__.get("_sweep_compiled_forward")
+    if compiled is None:
+        compiled = torch.compile(unet.forward, dynamic=False)
+        unet.__dict__["_sweep_compiled_forward"] = compiled
+    return compiled
+
+
+@contextlib.contextmanager
+def _unet_forward(
+    model: TextToImageModel, engine: SweepEngine, precision: str
+) -> Iterator[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """A function (noisy, timesteps, text states) -> UNet prediction with the engine's settings; the
+    UNet's memory format is put back afterwards."""
+    unet = model.unet
+    if engine.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    compiled = _compiled_forward(unet) if engine.compile else None
+    autocast = (
+        torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
+
+    def forward(noisy: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
+        if engine.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            if compiled is None:
+                return model.predict(noisy, timesteps, text_states)
+            check_stop()  # the compiled forward skips the UNet's hooks (compute/sharded.py)
+            return compiled(noisy, timesteps, encoder_hidden_states=text_states).sample
+
+    try:
+        yield forward
+    finally:
+        if engine.channels_last:
+            unet.to(memory_format=torch.contiguous_format)
+
+
+def _combinations(
+    counts: Sequence[int], captions: Sequence[int], num_flips: int, num_steps: int
+) -> torch.Tensor:
+    """Every (row, slot, flip position, timestep position) [M, 4] whose caption (index `captions[slot]`)
+    the row's example has, id-major: an image's combinations together, so each batch encodes few
+    distinct images."""
+    rows, flips, slots, steps = torch.meshgrid(
+        torch.arange(len(counts)),
+        torch.arange(num_flips),
+        torch.arange(len(captions)),
+        torch.arange(num_steps),
+        indexing="ij",
+    )
+    grid = torch.stack((rows, slots, flips, steps), dim=-1).reshape(-1, 4)
+    exists = (
+        torch.as_tensor(list(captions), dtype=torch.long)[grid[:, 1]]
+        < torch.as_tensor(list(counts), dtype=torch.long)[grid[:, 0]]
+    )
+    return grid[exists]
 
 
 @torch.no_grad()
@@ -46,23 +147,32 @@ def per_sample_losses(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = False,
+    noise: str = "counter",
+    precision: str = "fp32",
+    inputs: SweepInputs | None = None,
+    engine: SweepEngine | None = None,
 ) -> torch.Tensor:
     """Loss [len(ids), num_captions, len(flips)] (float32, CPU), averaged over pixels and timesteps.
 
     `caption_indices=None` takes every caption of each example (num_captions = the largest count
     among `ids`); a caption index an example does not have gives NaN. The noise of (id, caption
-    index c, timestep t, flip f) is keyed_randn(latent shape, seed, id, c, t, f). All combinations are
-    laid out in one list and run `batch_size` UNet forwards at a time; within a batch each distinct
-    image is encoded once and each distinct caption is encoded once.
+    index c, timestep t, flip f) is row (seed, id, c, t, f) of `counter_randn` (noise="counter") or
+    keyed_randn(latent shape, seed, id, c, t, f) (noise="legacy"). All combinations are laid out in
+    one list and run `batch_size` UNet forwards at a time. Without `inputs`, each batch encodes each
+    distinct image once and each distinct caption once; with them, it reads them from the cache.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    check_choice("noise", noise, NOISES)
+    check_choice("precision", precision, PRECISIONS)
+    engine = engine or SweepEngine()
     ids = [int(i) for i in ids]
     flips = [bool(f) for f in flips]
     if not flips:
         raise ValueError("Give at least one flip setting: (False,) or (False, True).")
     steps = _check_timesteps(timesteps, int(model.scheduler.config.num_train_timesteps))
-    counts = [len(dataset.source.captions(i)) for i in ids]
+    captions_of = [dataset.source.captions(i) for i in ids]
+    counts = [len(c) for c in captions_of]
     if caption_indices is None:
         slots = list(range(max(counts, default=0)))
     else:
@@ -70,65 +180,115 @@ def per_sample_losses(
         if not slots or min(slots) < 0:
             raise ValueError("caption_indices must be non-negative integers (or None for all captions).")
     losses = torch.full((len(ids), len(slots), len(flips), len(steps)), float("nan"), dtype=torch.float64)
-    # (row, slot, flip position, timestep position); the id-major order keeps an image's combinations
-    # together so each batch encodes few distinct images.
-    combos = [
-        (row, slot, fpos, tpos)
-        for row, count in enumerate(counts)
-        for fpos in range(len(flips))
-        for slot, caption in enumerate(slots)
-        if caption < count
-        for tpos in range(len(steps))
-    ]
+    combos = _combinations(counts, slots, len(flips), len(steps))
     device = model.device
     dtype = model.unet.dtype
-    with evaluation_mode(model):
+    ids_t, slots_t = torch.tensor(ids, dtype=torch.long), torch.tensor(slots, dtype=torch.long)
+    steps_t, flips_t = torch.tensor(steps, dtype=torch.long), torch.tensor(flips, dtype=torch.long)
+    if inputs is not None:
+        cache_rows = inputs.rows(ids)
+        flip_cols, slot_cols = inputs.flip_positions(flips), inputs.caption_positions(slots)
+    with evaluation_mode(model), _unet_forward(model, engine, precision) as forward:
         for begin in tqdm(
             range(0, len(combos), batch_size), desc="per-sample loss", unit="batch", disable=not progress
         ):
             chunk = combos[begin : begin + batch_size]
-            images: dict[tuple[int, int], int] = {}
-            for row, _, fpos, _ in chunk:
-                images.setdefault((row, fpos), len(images))
-            pixels = torch.stack(
-                [dataset.example(ids[row], 0, flips[fpos])["pixel_values"] for row, fpos in images]
-            )
-            encoded = model.encode_images(pixels.to(device, dtype))
-            latents = encoded[[images[(row, fpos)] for row, _, fpos, _ in chunk]]
-            noise = torch.stack(
-                [
-                    keyed_randn(
-                        model.latent_shape, seed, ids[row], slots[slot], steps[tpos], int(flips[fpos])
-                    )
-                    for row, slot, fpos, tpos in chunk
+            row, slot, fpos, tpos = chunk.unbind(1)
+            if inputs is None:
+                distinct, which = torch.unique(row * len(flips) + fpos, return_inverse=True)
+                pixels = torch.stack(
+                    [
+                        dataset.example(ids[k // len(flips)], 0, flips[k % len(flips)])["pixel_values"]
+                        for k in distinct.tolist()
+                    ]
+                )
+                latents = model.encode_images(pixels.to(device, dtype))[which.to(device)]
+                captions = [
+                    captions_of[r][slots[c]] for r, c in zip(row.tolist(), slot.tolist(), strict=True)
                 ]
-            ).to(device, latents.dtype)
-            t = torch.tensor([steps[tpos] for *_, tpos in chunk], dtype=torch.long, device=device)
-            captions = [dataset.source.captions(ids[row])[slots[slot]] for row, slot, _, _ in chunk]
-            text_states = encode_captions(model, captions)
-            values = diffusion_loss(model, latents, noise, t, text_states).double().cpu()
-            index = torch.tensor(chunk, dtype=torch.long).T
-            losses[index[0], index[1], index[2], index[3]] = values
+                text_states = encode_captions(model, captions)
+            else:
+                cached = cache_rows[row]
+                latents = inputs.inputs[cached, flip_cols[fpos]].to(device, dtype)
+                text_states = inputs.text_states[cached, slot_cols[slot]].to(device, dtype)
+            if noise == "legacy":
+                draws = torch.stack(
+                    [
+                        keyed_randn(model.latent_shape, seed, ids[r], slots[c], steps[t], int(flips[f]))
+                        for r, c, f, t in chunk.tolist()
+                    ]
+                )
+            else:
+                keys = torch.stack(
+                    (
+                        torch.full_like(row, int(seed)),
+                        ids_t[row],
+                        slots_t[slot],
+                        steps_t[tpos],
+                        flips_t[fpos],
+                    ),
+                    dim=1,
+                )
+                draws = counter_randn(keys.to(device), model.latent_shape)
+            t = steps_t[tpos].to(device)
+            noisy, target = noisy_inputs(model, latents, draws.to(device, latents.dtype), t)
+            size = len(chunk)
+            if engine.compile and size < batch_size:  # a last, short batch: padded, so that the
+                pad = batch_size - size  # compiled UNet sees one shape (no recompilation)
+                noisy, t, text_states = (
+                    torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]) for x in (noisy, t, text_states)
+                )
+            prediction = forward(noisy, t, text_states)[:size]
+            values = per_example_loss(prediction, target).double().cpu()
+            losses[row, slot, fpos, tpos] = values
     return losses.mean(dim=-1).to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------- loss sweep
 @dataclass(frozen=True)
 class SweepConfig:
-    """What decides the numbers of a loss sweep (and so its cache key)."""
+    """What decides the numbers of a loss sweep (and so its cache key). `noise` and `precision` enter
+    `to_dict` only when they differ from the first sweeps' (legacy noise, fp32), so the sweeps cached
+    before they existed keep their keys and are reused only by runs that reproduce them."""
 
     timesteps: tuple[int, ...]
     caption_indices: tuple[int, ...]
     flips: tuple[bool, ...] = (False,)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    noise: str = "counter"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        check_choice("noise", self.noise, NOISES)
+        check_choice("precision", self.precision, PRECISIONS)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["timesteps"] = [int(t) for t in self.timesteps]
         d["caption_indices"] = [int(c) for c in self.caption_indices]
         d["flips"] = [bool(f) for f in self.flips]
+        if self.noise == "legacy":
+            del d["noise"]
+        if self.precision == "fp32":
+            del d["precision"]
         return d
+
+
+# What to do when a sweep directory was written with other noise or precision (compute/sharded.py
+# names the keys that differ and adds these lines).
+MISMATCH_HINTS = {
+    "identity.sweep.noise": (
+        "The directory's sweep used other noise: a sweep.json without 'noise' was written with the legacy "
+        "noise (keyed_randn), one with 'noise': 'counter' with counter_randn, and their losses cannot be "
+        "mixed. To resume or reuse it, run with method.noise set to the noise recorded there (absent: "
+        "legacy); to recompute with the other noise, point the run at a new directory."
+    ),
+    "identity.sweep.precision": (
+        "The directory's sweep ran the UNet at another precision (absent: fp32). Run with the "
+        "method.precision recorded there, or point the run at a new directory."
+    ),
+}
 
 
 def run_loss_sweep(
@@ -142,8 +302,12 @@ def run_loss_sweep(
     shard_size: int = 256,
     trainer_kwargs: dict[str, Any] | None = None,
     description: str = "loss sweep",
+    inputs: SweepInputs | None = None,
+    engine: SweepEngine | None = None,
 ) -> torch.Tensor:
-    """Per-sample losses [len(ids), captions, flips] (see `per_sample_losses`), sharded and resumable."""
+    """Per-sample losses [len(ids), captions, flips] (see `per_sample_losses`), sharded and resumable.
+    `inputs` and `engine` change how the losses are computed, not what they are (to float rounding),
+    so they are not part of the directory's identity."""
 
     def shard_fn(shard_ids: np.ndarray) -> dict[str, torch.Tensor]:
         losses = per_sample_losses(
@@ -155,6 +319,10 @@ def run_loss_sweep(
             flips=list(config.flips),
             seed=config.seed,
             batch_size=batch_size,
+            noise=config.noise,
+            precision=config.precision,
+            inputs=inputs,
+            engine=engine,
         )
         return {"losses": losses.float()}
 
@@ -167,5 +335,6 @@ def run_loss_sweep(
         shard_size,
         trainer_kwargs,
         description,
+        hints=MISMATCH_HINTS,
     )
     return torch.cat([s["losses"] for s in shards])

@@ -48,6 +48,7 @@ from diffusion_attribution.attribution.unlearning.sensitivity import (
 )
 from diffusion_attribution.attribution.unlearning.sensitivity import describe as describe_sensitivity
 from diffusion_attribution.attribution.unlearning.step import preserved_parameters, unlearn
+from diffusion_attribution.compute.input_cache import SweepInputs, cached_inputs
 from diffusion_attribution.compute.sharded import shard_path
 from diffusion_attribution.curvature.base import Curvature
 from diffusion_attribution.curvature.diagonal import DiagonalCurvature
@@ -61,7 +62,14 @@ from diffusion_attribution.models.weight_subsets import (
     select_parameters,
 )
 from diffusion_attribution.objective.loss import mask_to_latent
-from diffusion_attribution.objective.sweep import SweepConfig, run_loss_sweep
+from diffusion_attribution.objective.sweep import (
+    NOISES,
+    PRECISIONS,
+    SweepConfig,
+    SweepEngine,
+    check_choice,
+    run_loss_sweep,
+)
 from diffusion_attribution.utils.atomic import atomic_save_tensors, load_checked_tensors
 from diffusion_attribution.utils.fingerprint import (
     data_fingerprint,
@@ -96,6 +104,11 @@ class UnlearningAttributor(Attributor):
         chunk_size: int = 64,
         candidates: CandidateRanker | None = None,
         sensitivity: dict[str, Any] | None = None,
+        noise: str = "counter",
+        precision: str = "fp32",
+        compile: bool = False,
+        channels_last: bool = False,
+        input_cache: bool = True,
     ) -> None:
         super().__init__()
         # Checked here, when the config is read: a bad setting would otherwise surface only in
@@ -148,6 +161,15 @@ class UnlearningAttributor(Attributor):
         self.sensitivity = SensitivitySettings(
             **dict(sensitivity or {})
         )  # method.sensitivity (sensitivity.py)
+        # The sweeps' noise and precision (part of their cache keys) and engine (not: float rounding only).
+        self.noise = check_choice("method.noise", noise, NOISES)
+        self.precision = check_choice("method.precision", precision, PRECISIONS)
+        self.engine = SweepEngine(
+            compile=_bool_setting("method.compile", compile),
+            channels_last=_bool_setting("method.channels_last", channels_last),
+        )
+        self.input_cache = _bool_setting("method.input_cache", input_cache)
+        self.inputs: SweepInputs | None = None
 
     # ------------------------------------------------------------------------------- prepare
     def prepare(
@@ -209,6 +231,20 @@ class UnlearningAttributor(Attributor):
         )
         self.full_sweep_dir = cache / "sweeps" / sweep_key
         self.cached_paths = [curvature_path, self.full_sweep_dir]
+        if self.input_cache:  # the UNet's inputs of every sweep, computed once per model and data
+            self.inputs = cached_inputs(
+                model,
+                dataset,
+                self.all_ids,
+                self.sweep_config.flips,
+                self.sweep_config.caption_indices,
+                cache / "inputs",
+                self.identity["data"],
+                batch_size=self.batch_size,
+                shard_size=self.shard_size,
+                trainer_kwargs=context.trainer_kwargs,
+            )
+            self.cached_paths.append(self.inputs.path)
         if self.ranker is not None:
             started = time.perf_counter()
             self.ranker._prepare(model, datamodule, context, self.identity)
@@ -234,6 +270,8 @@ class UnlearningAttributor(Attributor):
             shard_size=self.shard_size,
             trainer_kwargs=self.context.trainer_kwargs,
             description="loss sweep before unlearning",
+            inputs=self.inputs,
+            engine=self.engine,
         )
 
     def _check_candidates(
@@ -275,7 +313,14 @@ class UnlearningAttributor(Attributor):
             flips = [False, True] if datamodule.random_flip else [False]
         else:
             flips = list(self.flips)
-        return SweepConfig(tuple(timesteps), tuple(caption_indices), tuple(flips), seed)
+        return SweepConfig(
+            tuple(timesteps),
+            tuple(caption_indices),
+            tuple(flips),
+            seed,
+            noise=self.noise,
+            precision=self.precision,
+        )
 
     def check_settings(self, model: TextToImageModel, datamodule: CaptionedImageDataModule) -> None:
         """The settings' checks against the model and the data, before any work (jobs/attribute.py)."""
@@ -418,6 +463,8 @@ class UnlearningAttributor(Attributor):
                     shard_size=self.shard_size,
                     trainer_kwargs=self.context.trainer_kwargs,
                     description=f"loss sweep after unlearning query {k}",
+                    inputs=self.inputs,
+                    engine=self.engine,
                 )
                 sweep_after_s = time.perf_counter() - sweep_started
             # The loss difference (the paper's score) also feeds the diagnostics, whatever method.score is.
@@ -496,6 +543,12 @@ class UnlearningAttributor(Attributor):
                     name: float(np.isin(relevant_ids, lists[k]).mean()) for name, lists in members.items()
                 }
         return out
+
+
+def _bool_setting(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}.")
+    return value
 
 
 MAX_INLINE_IDS = 100  # shortlists up to this long are listed in ranking.json; longer ones saved as .npy
