@@ -33,6 +33,7 @@ def test_scripts_import_only_the_package(path: Path) -> None:
 def test_benchmarks_are_throughput_only() -> None:
     names = {p.stem for p in (REPO / "benchmarks").glob("*.py")}
     assert names - ELSEWHERE == {
+        "after_sweep",
         "paper_scale",
         "sweep_throughput",
         "train_throughput",
