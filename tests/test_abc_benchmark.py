@@ -141,6 +141,33 @@ def test_evaluate_job_writes_tables_and_plot(runs: Path, tmp_path: Path) -> None
     assert run_benchmark(again, tmp_path / "eval2")["summary"] == result["summary"]
 
 
+def test_variants_of_one_method_get_their_own_rows(tmp_path: Path) -> None:
+    """A pruned and a full run of one method (one run per concept each) are two rows, not one."""
+    root = tmp_path / "runs"
+    for variant, case, candidates in (
+        ("full", "perfect", None),
+        ("pruned", "mixed", {"ranker": "captions", "k": 0.1}),
+    ):
+        for concept, kind in (("star", "object"), ("sepia", "style")):
+            folder = write_run(root / variant / concept, "unlearning:ekfac", [(case, concept, kind)])
+            ranking = json.loads((folder / "ranking.json").read_text())
+            ranking["method_config"] = {"step_size": 0.01, "candidates": candidates}
+            (folder / "ranking.json").write_text(json.dumps(ranking))
+    run_dir = tmp_path / "eval"
+    cfg = compose_job("evaluate", ["benchmark=abc", f"scores=[{root}]"], run_dir)
+    summary = run_benchmark(cfg, run_dir)["summary"]
+    every = {r["method"]: r for r in summary if r["concept_type"] == "all"}
+    assert set(every) == {
+        "unlearning:ekfac (candidates=None)",
+        "unlearning:ekfac (candidates.k=0.1, ranker=captions)",
+    }
+    assert every["unlearning:ekfac (candidates=None)"]["ap"] == 1.0
+    assert every["unlearning:ekfac (candidates=None)"]["num_concepts"] == 2
+    assert every["unlearning:ekfac (candidates.k=0.1, ranker=captions)"]["ap"] == pytest.approx(
+        CASES["mixed"][1]["ap"]
+    )
+
+
 def test_bad_inputs(tmp_path: Path, runs: Path) -> None:
     with pytest.raises(ValueError, match="scores="):
         find_run_dirs(None)

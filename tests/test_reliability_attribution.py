@@ -367,3 +367,21 @@ def test_a_seed_that_is_not_an_integer_names_the_key() -> None:
         with pytest.raises(QueryError, match=r"query.seeds entry 0 is .* not a sampling seed"):
             query_specs(cfg)
     assert query_specs(OmegaConf.create({"prompts": ["a red circle"], "seeds": [3]}))[0]["seed"] == 3
+
+
+def test_every_job_step_takes_the_trainer_device() -> None:
+    """Retrain evaluations and the fidelity benchmark read the device from the trainer config, and
+    a sharded sweep without trainer settings stays on the model's device."""
+    from diffusion_attribution.compute.devices import device_from_trainer
+
+    assert device_from_trainer(None).type == "cpu"
+    assert device_from_trainer({"accelerator": "cpu"}).type == "cpu"
+    with pytest.raises(ValueError, match="accelerator='tpu'"):
+        device_from_trainer({"accelerator": "tpu"})
+    source = Path(__file__).resolve().parents[1] / "src" / "diffusion_attribution"
+    offenders = [
+        str(p.relative_to(source))
+        for p in source.rglob("*.py")
+        if "cuda.is_available() else" in p.read_text() and p.name != "devices.py"
+    ]
+    assert offenders == [], f"device chosen by what is visible, not by the trainer config: {offenders}"

@@ -259,7 +259,8 @@ def run_sharded(
             "logger": False,
             "enable_checkpointing": False,
             "enable_model_summary": False,
-            "accelerator": "auto",
+            # Without the job's trainer settings, stay where the model is (never a silent move to a GPU).
+            "accelerator": "gpu" if next(model.parameters()).device.type == "cuda" else "cpu",
             "devices": 1,
         }
         kwargs.update(trainer_kwargs or {})

@@ -67,8 +67,9 @@ def find_run_dirs(specs: Any) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def query_rows(run_dir: Path, recall_at: Sequence[int]) -> list[dict[str, Any]]:
-    """Per-query metrics of one run directory (queries without relevant_ids are skipped, logged)."""
+def query_rows(run_dir: Path, recall_at: Sequence[int], label: str | None = None) -> list[dict[str, Any]]:
+    """Per-query metrics of one run directory (queries without relevant_ids are skipped, logged),
+    under `label` (default: the run's method name)."""
     scores = np.load(run_dir / "scores.npy")
     ranking = json.loads((run_dir / "ranking.json").read_text())
     queries = ranking["queries"]
@@ -90,7 +91,7 @@ def query_rows(run_dir: Path, recall_at: Sequence[int]) -> list[dict[str, Any]]:
         query = queries[q]
         rows.append(
             {
-                "method": ranking.get("method", "unknown"),
+                "method": label or ranking.get("method", "unknown"),
                 "run": str(run_dir),
                 "query": q,
                 "concept": str(query.get("concept", "unknown")),
@@ -227,7 +228,10 @@ def run_abc_benchmark(
     unknown = [m for m in scatter if m not in metric_names]
     if len(scatter) != 2 or unknown:
         raise ValueError(f"benchmark.scatter must name two of {metric_names}; got {list(scatter)}.")
-    rows = [row for d in run_dirs for row in query_rows(d, recall_at)]
+    # Variants of one method (e.g. pruned and full, or two dampings) get their own rows; the runs of one
+    # variant (one per concept) share a label.
+    labels = report.variant_labels([json.loads((d / "ranking.json").read_text()) for d in run_dirs])
+    rows = [row for d, label in zip(run_dirs, labels, strict=True) for row in query_rows(d, recall_at, label)]
     if not rows:
         raise ValueError("No query in the given run directories has relevant_ids: nothing to evaluate.")
     concepts, summary = summarise(rows, metric_names)

@@ -21,7 +21,6 @@ comparison is refused.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -89,32 +88,17 @@ def check_same_queries(results: list[RetrievalResult], dirs: list[str]) -> None:
                 )
 
 
-def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(config, dict):
-        return {prefix: config}
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def method_labels(results: list[RetrievalResult], dirs: list[str]) -> list[str]:
-    """The method name, plus, where several runs share it, the settings that tell them apart
-    (e.g. `dtrak (proj_dim=2048)` vs `dtrak (proj_dim=4096)`), or the run directory's name."""
-    names = [str(r.ranking.get("method", "?")) for r in results]
-    labels = list(names)
-    for name in set(names):
-        same = [k for k, n in enumerate(names) if n == name]
-        if len(same) < 2:
-            continue
-        configs = [_flatten(results[k].ranking.get("method_config") or {}) for k in same]
-        keys = sorted({key for c in configs for key in c})
-        differ = [key for key in keys if len({json.dumps(c.get(key), default=str) for c in configs}) > 1]
-        for k, config in zip(same, configs, strict=True):
-            settings = ", ".join(f"{key.rsplit('.', 1)[-1]}={config.get(key)}" for key in differ[:3])
-            labels[k] = f"{name} ({settings})" if settings else f"{name} [{Path(dirs[k]).name}]"
+    """report.variant_labels, then runs still equal (identical settings) told apart by their run
+    directory's name, or numbered."""
+    labels = report.variant_labels([r.ranking for r in results])
+    counts = Counter(labels)
+    labels = [
+        f"{label} [{Path(d).name}]" if counts[label] > 1 else label
+        for label, d in zip(labels, dirs, strict=True)
+    ]
     counts, seen = Counter(labels), Counter()
-    for k, label in enumerate(labels):  # still equal (identical settings, same folder name): number them
+    for k, label in enumerate(labels):  # same folder name too: number them
         if counts[label] > 1:
             seen[label] += 1
             labels[k] = f"{label} #{seen[label]}"

@@ -18,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from diffusion_attribution.compute.devices import device_from_trainer
 from diffusion_attribution.data.shapes import ShapesDataModule, prompt_for
 from diffusion_attribution.evaluation import report
 from diffusion_attribution.evaluation.attribute_reader import NONE_CONCEPT, load_or_train_reader
@@ -129,7 +130,7 @@ def run_fidelity_benchmark(
             f"data=shapes (got {type(datamodule).__name__})."
         )
     model = model_from_config(cfg.model)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device_from_trainer(cfg.get("trainer")))
     reader, reader_accuracy = load_or_train_reader(datamodule.world, reader_cache_dir)
     prompts = fidelity_prompts(datamodule, seeds_per_prompt, prompts_per_concept)
     log.info("Generating %d images (%d sampler steps each)", len(prompts), num_steps)

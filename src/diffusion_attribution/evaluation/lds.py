@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig
 from torchmetrics.functional import spearman_corrcoef
 
+from diffusion_attribution.compute.devices import device_from_trainer
 from diffusion_attribution.evaluation import report
 from diffusion_attribution.evaluation.leave_k_out.metrics import fixed_noise_loss, loss_timesteps
 from diffusion_attribution.evaluation.leave_k_out.runs import load_attribution_runs, load_model, load_queries
@@ -93,10 +94,11 @@ def run_lds_benchmark(
 
     queries = load_queries(runs[0], {})
     loss_seed = int(cfg.get("seed", 0))
+    device = device_from_trainer(cfg.get("trainer"))
     losses = np.zeros((len(jobs), len(queries)), dtype=np.float64)
     timesteps: list[int] | None = None
     for m, job in enumerate(jobs):
-        model = load_model(job.checkpoint)
+        model = load_model(job.checkpoint, device=device)
         timesteps = timesteps or loss_timesteps(model, settings.timestep_stride)
         for q in queries:
             losses[m, q.index] = fixed_noise_loss(

@@ -47,6 +47,54 @@ def with_headline(summary: dict[str, Any], name: str, value: float | None) -> di
 
 
 # ---------------------------------------------------------------------------------------- tables
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix: config}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def variant_labels(rankings: Sequence[Mapping[str, Any]], most: int = 3) -> list[str]:
+    """A table label per run: its ranking.json method name, plus, where runs of one name differ in
+    their method settings, up to `most` of the settings that tell them apart (e.g. `dtrak
+    (proj_dim=2048)` vs `dtrak (proj_dim=4096)`). Runs of equal settings get equal labels, so a
+    benchmark that spans several runs per variant (one per concept) groups them."""
+    names = [str(r.get("method", "?")) for r in rankings]
+    labels = list(names)
+    for name in set(names):
+        same = [k for k, n in enumerate(names) if n == name]
+        configs = [_flatten(rankings[k].get("method_config") or {}) for k in same]
+        keys = sorted({key for c in configs for key in c})
+        differ = [key for key in keys if len({json.dumps(c.get(key), default=str) for c in configs}) > 1]
+        for k, config in zip(same, configs, strict=True):
+            shown = dict.fromkeys(_present(key, config) for key in differ[:most])
+            settings = ", ".join(f"{_short(key)}={_value(config.get(key))}" for key in shown)
+            labels[k] = f"{name} ({settings})" if settings else name
+    return labels
+
+
+def _present(key: str, config: Mapping[str, Any]) -> str:
+    """`key`, or the ancestor this config holds instead (`candidates: null` where others hold
+    `candidates.k`)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in config:
+            return ".".join(parts[:end])
+    return key
+
+
+def _short(key: str) -> str:
+    """The last part of a dotted key, with its parent where the last part alone says little."""
+    parts = key.split(".")
+    return ".".join(parts[-2:]) if len(parts) > 1 and parts[-1] in {"k", "name", "count"} else parts[-1]
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _cell(value: Any) -> str:
     return f" {value} " if str(value) != "" else " "
 

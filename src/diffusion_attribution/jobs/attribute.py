@@ -27,6 +27,7 @@ from diffusion_attribution.attribution.checks import (
 )
 from diffusion_attribution.attribution.outputs import check_finite_scores, run_fingerprints, write_outputs
 from diffusion_attribution.attribution.queries import build_queries
+from diffusion_attribution.compute.devices import device_from_trainer
 from diffusion_attribution.data.base import CaptionedImageDataModule, parse_id_list
 from diffusion_attribution.evaluation.report import log_to_wandb
 from diffusion_attribution.evaluation.retrieval import query_retrieval_metrics
@@ -67,19 +68,8 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 def inference_device(cfg: DictConfig) -> torch.device:
     """One device decision, from the trainer config (the sharded sweeps run on the same Trainer
-    settings): trainer=cpu keeps everything on the CPU even where a GPU is visible; trainer=gpu needs
-    one."""
-    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "cpu"))
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"trainer.accelerator={accelerator} but no CUDA device is visible: use trainer=cpu, or run on a "
-                "machine with a GPU."
-            )
-        return torch.device("cuda")
-    if accelerator == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device("cpu")
+    settings): compute/devices.py."""
+    return device_from_trainer(cfg.get("trainer"))
 
 
 def chosen_ids(cfg: DictConfig, num_examples: int) -> np.ndarray | None:

@@ -339,6 +339,9 @@ class UnlearningAttributor(Attributor):
             "flip_reduction": self.flip_reduction,
             "score": self.score_kind,
             "sensitivity": describe_sensitivity(self.sensitivity) if self.sensitivity.enabled else None,
+            # The shortlist's ranker and k (None: every example scored), so result tables tell a pruned
+            # run from the full one.
+            "candidates": None if getattr(self, "ranker", None) is None else self.ranker.settings(),
         }
 
     def train_side_bytes(self) -> int:

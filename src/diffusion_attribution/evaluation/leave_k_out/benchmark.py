@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_attribution.compute.devices import device_from_trainer
 from diffusion_attribution.data.base import CaptionedImageDataModule
 from diffusion_attribution.evaluation import report
 from diffusion_attribution.evaluation.leave_k_out.figures import before_after_figure, plot_delta_loss
@@ -116,7 +117,8 @@ def evaluate_leave_k_out(
     queries = load_queries(runs[0], concepts)
     judges = ImageJudges(clip_path, datamodule, reader_cache_dir)
     loss_seed = int(cfg.get("seed", 0))
-    base = load_model(plan.base_checkpoint, attributed=runs[0])
+    device = device_from_trainer(cfg.get("trainer"))
+    base = load_model(plan.base_checkpoint, attributed=runs[0], device=device)
     timesteps = loss_timesteps(base, settings.timestep_stride)
     query_refs = {}
     for q in queries:
@@ -155,7 +157,7 @@ def evaluate_leave_k_out(
     images: dict[tuple[int, str, int], torch.Tensor] = {}
     for n, (key, job_entries) in enumerate(by_job.items()):
         job: RetrainJob = job_entries[0]["job"]
-        model = load_model(job.checkpoint)
+        model = load_model(job.checkpoint, device=device)
         log.info("Evaluating retrain %d/%d (%s)", n + 1, len(by_job), key)
         kept = {}
         for item, ref in zip(retention, retention_refs, strict=True):

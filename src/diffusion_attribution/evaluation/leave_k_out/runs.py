@@ -183,9 +183,12 @@ def load_queries(run: AttributionRun, concepts: dict[str, np.ndarray]) -> list[E
     return queries
 
 
-def load_model(path: str | Path, attributed: AttributionRun | None = None) -> TextToImageModel:
-    """The model at `path`; with `attributed`, it must be the model that run attributed (its recorded
-    fingerprint), not another one saved at the same path since."""
+def load_model(
+    path: str | Path, attributed: AttributionRun | None = None, device: torch.device | str = "cpu"
+) -> TextToImageModel:
+    """The model at `path` on `device` (the job's, compute/devices.py); with `attributed`, it must be
+    the model that run attributed (its recorded fingerprint), not another one saved at the same path
+    since."""
     model = TextToImageModel.from_pretrained(path)
     if attributed is not None and attributed.model_fingerprint:
         found = model_fingerprint(model)
@@ -195,4 +198,4 @@ def load_model(path: str | Path, attributed: AttributionRun | None = None) -> Te
                 f"({attributed.model_fingerprint}): it was overwritten since. Rerun attribute.py on the model "
                 "now at that path, or point model.path at the attributed checkpoint."
             )
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model.to(device).eval()
