@@ -10,8 +10,8 @@ and unlearns each with the method's Newton step. For every query's unlearned mod
 the first --ids training ids (default: all) x the method's timesteps x 1 caption in each configuration
 and prints seconds per query, the speed-up over the current path, and the Spearman correlation and
 top-10 overlap of the scores (loss after - loss before, each configuration's own before-sweep) with the
-current path's. "current" is the sweep as it was: legacy noise, no input cache, fp32. The engine's
-configurations use the same legacy noise values unless named "counter", so the correlation isolates the
+current path's. "current" is the sweep as it was: generator noise, no input cache, fp32. The engine's
+configurations use the same generator noise values unless named "counter", so the correlation isolates the
 engine's numerics (the counter ones show what the other noise changes).
 """
 
@@ -40,14 +40,14 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # name -> (noise, input cache, precision, compile, channels_last, batch size)
 CONFIGS = {
-    "current": ("legacy", False, "fp32", False, False, 64),
-    "fp32": ("legacy", True, "fp32", False, False, 64),
-    "fp32+channels_last": ("legacy", True, "fp32", False, True, 64),
-    "fp32+compile": ("legacy", True, "fp32", True, False, 64),
-    "fp32 b256": ("legacy", True, "fp32", False, False, 256),
-    "bf16": ("legacy", True, "bf16", False, False, 64),
-    "bf16+compile": ("legacy", True, "bf16", True, False, 64),
-    "bf16+compile b256": ("legacy", True, "bf16", True, False, 256),
+    "current": ("generator", False, "fp32", False, False, 64),
+    "fp32": ("generator", True, "fp32", False, False, 64),
+    "fp32+channels_last": ("generator", True, "fp32", False, True, 64),
+    "fp32+compile": ("generator", True, "fp32", True, False, 64),
+    "fp32 b256": ("generator", True, "fp32", False, False, 256),
+    "bf16": ("generator", True, "bf16", False, False, 64),
+    "bf16+compile": ("generator", True, "bf16", True, False, 64),
+    "bf16+compile b256": ("generator", True, "bf16", True, False, 256),
     "counter fp32": ("counter", True, "fp32", False, False, 64),
     "counter bf16+compile": ("counter", True, "bf16", True, False, 64),
 }

@@ -34,7 +34,7 @@ METHODS: dict[str, list[str]] = {
         "method.chunk_size=8",
         "method.num_timesteps=3",
         "method.shard_size=20",
-        "method.noise=legacy",  # the noise the values were pinned with (objective/sweep.py)
+        "method.noise=generator",  # the noise the values were pinned with (objective/sweep.py)
         *SHARED,
     ],
     "unlearning_ekfac": [
@@ -43,7 +43,7 @@ METHODS: dict[str, list[str]] = {
         "method.chunk_size=8",
         "method.num_timesteps=3",
         "method.shard_size=20",
-        "method.noise=legacy",
+        "method.noise=generator",
         *SHARED,
     ],
     "trak": [

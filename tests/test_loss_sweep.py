@@ -43,7 +43,7 @@ def test_independent_of_batch_size_and_order(world) -> None:
     assert not torch.allclose(other, small)
 
 
-@pytest.mark.parametrize("kind", ["counter", "legacy"])
+@pytest.mark.parametrize("kind", ["counter", "generator"])
 def test_matches_a_direct_computation(world, kind: str) -> None:
     model, dataset = world
     example_id, caption_index, flip = 5, 1, True
@@ -58,7 +58,7 @@ def test_matches_a_direct_computation(world, kind: str) -> None:
             keys = (11, example_id, caption_index, t, 1)
             noise = (
                 keyed_randn(model.latent_shape, *keys)[None]
-                if kind == "legacy"
+                if kind == "generator"
                 else counter_randn(torch.tensor([keys]), model.latent_shape)
             )
             timestep = torch.tensor([t])

@@ -191,27 +191,29 @@ def test_a_folder_of_another_run_is_refused(world, monkeypatch, tmp_path: Path) 
 def test_a_folder_of_other_noise_or_precision_is_refused_with_the_fix(
     world, monkeypatch, tmp_path: Path
 ) -> None:
-    """A sweep written with the legacy noise (whose sweep.json, like every sweep's before the counter
+    """A sweep written with the generator noise (whose sweep.json, like every sweep's before the counter
     noise, records no 'noise') is never resumed with the counter noise, nor the other way round, and
     the refusal names method.noise; the same for the precision."""
-    legacy = replace(CONFIG, noise="legacy")
-    assert "noise" not in legacy.to_dict() and "precision" not in legacy.to_dict()  # the old keys
-    assert CONFIG.noise == "counter" and CONFIG.to_dict()["noise"] == "counter"
+    generator = replace(CONFIG, noise="generator")
+    counter = replace(CONFIG, noise="counter")
+    assert CONFIG.noise == "generator"  # the default
+    assert "noise" not in generator.to_dict() and "precision" not in generator.to_dict()  # the old keys
+    assert counter.to_dict()["noise"] == "counter"
     out = tmp_path / "sweep"
-    old = sweep(world, out, shard_size=8, config=legacy)
+    old = sweep(world, out, shard_size=8, config=generator)
     calls = counting_losses(monkeypatch)
     with pytest.raises(ValueError, match=r"identity\.sweep\.noise: \(absent\) -> 'counter'.*method\.noise"):
-        sweep(world, out, shard_size=8)
+        sweep(world, out, shard_size=8, config=counter)
     with pytest.raises(
         ValueError, match=r"identity\.sweep\.precision: \(absent\) -> 'bf16'.*method\.precision"
     ):
-        sweep(world, out, shard_size=8, config=replace(legacy, precision="bf16"))
+        sweep(world, out, shard_size=8, config=replace(generator, precision="bf16"))
     assert calls == []
-    assert torch.equal(sweep(world, out, shard_size=8, config=legacy), old)  # its own settings resume it
+    assert torch.equal(sweep(world, out, shard_size=8, config=generator), old)  # its own settings resume it
     new = tmp_path / "counter"
-    sweep(world, new, shard_size=8)
+    sweep(world, new, shard_size=8, config=counter)
     with pytest.raises(ValueError, match=r"identity\.sweep\.noise: 'counter' -> \(absent\).*method\.noise"):
-        sweep(world, new, shard_size=8, config=legacy)
+        sweep(world, new, shard_size=8, config=generator)
     with pytest.raises(ValueError, match="Unknown noise='philox'"):
         replace(CONFIG, noise="philox")
 

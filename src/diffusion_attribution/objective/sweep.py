@@ -6,10 +6,12 @@ Examples with fewer captions than asked for get NaN in the missing caption slots
 repeated caption, which would weight some captions twice): reduce over captions with `nanmean`, as
 `unlearning_scores` does.
 
-The noise (`noise`): "counter" (the default) draws a whole batch's noise in one call of
-`counter_randn`; "legacy" is the per-combination `keyed_randn` of the first sweeps, kept so that
-results measured with it stay reproducible (its sweeps keep their cache keys). The two give different
-noise and so different (equally valid) losses: a sweep is never mixed across them.
+The noise (`noise`): "generator" (the default) seeds a CPU torch.Generator per combination
+(`keyed_randn`, ~20 µs each: fine for the embedded world, every documented figure was measured with
+it); "counter" draws a whole batch's noise in one call of `counter_randn` on the model's device, with
+no Python per combination: the engine for GPUs and large training sets (the mscoco and abc presets).
+The two give different noise and so different (equally valid) Monte-Carlo estimates of the losses: a
+sweep is never mixed across them.
 
 The engine: with `inputs` (compute/input_cache.py) the UNet's clean inputs and text states are read
 from a per-model cache instead of being decoded and encoded in every sweep; `precision="bf16"` runs the
@@ -42,7 +44,7 @@ from diffusion_attribution.objective.loss import (
 )
 from diffusion_attribution.utils.seeding import counter_randn, keyed_randn
 
-NOISES = ("counter", "legacy")
+NOISES = ("counter", "generator")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -147,7 +149,7 @@ def per_sample_losses(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = False,
-    noise: str = "counter",
+    noise: str = "generator",
     precision: str = "fp32",
     inputs: SweepInputs | None = None,
     engine: SweepEngine | None = None,
@@ -157,7 +159,7 @@ def per_sample_losses(
     `caption_indices=None` takes every caption of each example (num_captions = the largest count
     among `ids`); a caption index an example does not have gives NaN. The noise of (id, caption
     index c, timestep t, flip f) is row (seed, id, c, t, f) of `counter_randn` (noise="counter") or
-    keyed_randn(latent shape, seed, id, c, t, f) (noise="legacy"). All combinations are laid out in
+    keyed_randn(latent shape, seed, id, c, t, f) (noise="generator"). All combinations are laid out in
     one list and run `batch_size` UNet forwards at a time. Without `inputs`, each batch encodes each
     distinct image once and each distinct caption once; with them, it reads them from the cache.
     """
@@ -211,7 +213,7 @@ def per_sample_losses(
                 cached = cache_rows[row]
                 latents = inputs.inputs[cached, flip_cols[fpos]].to(device, dtype)
                 text_states = inputs.text_states[cached, slot_cols[slot]].to(device, dtype)
-            if noise == "legacy":
+            if noise == "generator":
                 draws = torch.stack(
                     [
                         keyed_randn(model.latent_shape, seed, ids[r], slots[c], steps[t], int(flips[f]))
@@ -248,7 +250,7 @@ def per_sample_losses(
 @dataclass(frozen=True)
 class SweepConfig:
     """What decides the numbers of a loss sweep (and so its cache key). `noise` and `precision` enter
-    `to_dict` only when they differ from the first sweeps' (legacy noise, fp32), so the sweeps cached
+    `to_dict` only when they differ from the first sweeps' (generator noise, fp32), so the sweeps cached
     before they existed keep their keys and are reused only by runs that reproduce them."""
 
     timesteps: tuple[int, ...]
@@ -256,7 +258,7 @@ class SweepConfig:
     flips: tuple[bool, ...] = (False,)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
-    noise: str = "counter"
+    noise: str = "generator"
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -268,7 +270,7 @@ class SweepConfig:
         d["timesteps"] = [int(t) for t in self.timesteps]
         d["caption_indices"] = [int(c) for c in self.caption_indices]
         d["flips"] = [bool(f) for f in self.flips]
-        if self.noise == "legacy":
+        if self.noise == "generator":
             del d["noise"]
         if self.precision == "fp32":
             del d["precision"]
@@ -279,10 +281,10 @@ class SweepConfig:
 # names the keys that differ and adds these lines).
 MISMATCH_HINTS = {
     "identity.sweep.noise": (
-        "The directory's sweep used other noise: a sweep.json without 'noise' was written with the legacy "
+        "The directory's sweep used other noise: a sweep.json without 'noise' was written with the generator "
         "noise (keyed_randn), one with 'noise': 'counter' with counter_randn, and their losses cannot be "
         "mixed. To resume or reuse it, run with method.noise set to the noise recorded there (absent: "
-        "legacy); to recompute with the other noise, point the run at a new directory."
+        "generator); to recompute with the other noise, point the run at a new directory."
     ),
     "identity.sweep.precision": (
         "The directory's sweep ran the UNet at another precision (absent: fp32). Run with the "

@@ -104,7 +104,7 @@ class UnlearningAttributor(Attributor):
         chunk_size: int = 64,
         candidates: CandidateRanker | None = None,
         sensitivity: dict[str, Any] | None = None,
-        noise: str = "counter",
+        noise: str = "generator",
         precision: str = "fp32",
         compile: bool = False,
         channels_last: bool = False,
