@@ -209,6 +209,13 @@ def _load_finished(out_dir: Path, num_shards: int) -> dict[int, dict[str, torch.
     return finished
 
 
+def _on_cuda(model: nn.Module) -> bool:
+    """Whether the model's first parameter or buffer is on a GPU (a module with neither: no)."""
+    tensor = next(model.parameters(), None)
+    tensor = next(model.buffers(), None) if tensor is None else tensor
+    return tensor is not None and tensor.device.type == "cuda"
+
+
 def run_sharded(
     model: nn.Module,
     shard_fn: ShardFn,
@@ -251,7 +258,7 @@ def run_sharded(
             "enable_checkpointing": False,
             "enable_model_summary": False,
             # Without the job's trainer settings, stay where the model is (never a silent move to a GPU).
-            "accelerator": "gpu" if next(model.parameters()).device.type == "cuda" else "cpu",
+            "accelerator": "gpu" if _on_cuda(model) else "cpu",
             "devices": 1,
         }
         kwargs.update(trainer_kwargs or {})
