@@ -1,4 +1,4 @@
-"""The issue-4 quality figure: rare-concept queries attributed by several methods, scored by retrieval.
+"""Rare-concept retrieval: rare-concept queries attributed by several methods, scored by retrieval.
 
     python scripts/reproduce/rare_concept_retrieval.py <checkpoint> [--methods unlearning pixel random]
         [--seeds 0] [--drawn-only] [--out DIR] [-- attribute.py overrides, e.g. method.step_size=1e-4]
