@@ -10,7 +10,7 @@ Prints, in one run:
 (b) the project's sweep rate (`objective.sweep.per_sample_losses`, flips x all captions x timesteps as
     in the paper) on the same model over a generated data set, its ratio to the best raw rate, and where
     its time goes: timers (synchronized on CUDA) around the very calls the sweep makes (keyed noise,
-    `dataset.example`, `model.encode_images`, `encode_captions`, `model.predict`), patched in for a
+    `dataset.example`, `model.encode_images`, `model.encode_text`, `model.predict`), patched in for a
     second, timed run; "other" is the rest (batch layout, indexing, copies back to the host); then the
     engine's rate on the same ids: counter noise drawn on the device in one call per batch and the UNet's
     inputs read from the per-model input cache (its one-time cost printed beside it);
@@ -287,11 +287,11 @@ def timed_sweep_calls(model: TextToImageModel, dataset: Any) -> Iterator[dict[st
 
         return wrapped
 
-    names = ("keyed_randn", "counter_randn", "encode_captions", "noisy_inputs", "per_example_loss")
+    names = ("keyed_randn", "counter_randn", "noisy_inputs", "per_example_loss")
     saved = {name: getattr(sweep, name) for name in names}
     sweep.keyed_randn = timer("noise generation (keyed_randn)", saved["keyed_randn"], False)
     sweep.counter_randn = timer("noise generation (counter_randn)", saved["counter_randn"])
-    sweep.encode_captions = timer("text encoding (encode_captions)", saved["encode_captions"])
+    model.encode_text = timer("text encoding (encode_text)", model.encode_text)
     sweep.noisy_inputs = timer("noisy inputs and targets", saved["noisy_inputs"])
     sweep.per_example_loss = timer("loss reduction", saved["per_example_loss"])
     model.predict = timer("UNet (model.predict)", model.predict)
@@ -302,7 +302,7 @@ def timed_sweep_calls(model: TextToImageModel, dataset: Any) -> Iterator[dict[st
     finally:
         for name, fn in saved.items():
             setattr(sweep, name, fn)
-        del model.encode_images, dataset.example, model.predict
+        del model.encode_images, model.encode_text, dataset.example, model.predict
 
 
 def run_sweep(

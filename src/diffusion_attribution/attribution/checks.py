@@ -80,6 +80,12 @@ def float_setting(key: str, value: Any, what: str = "a positive finite number", 
     return number
 
 
+def bool_setting(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}.")
+    return value
+
+
 def timesteps_setting(key: str, value: Any) -> list[int] | None:
     """null, or a non-empty list of integer timesteps >= 0 (the upper bound is the model's scheduler's,
     checked by `check_timesteps` once the model is known)."""

@@ -32,12 +32,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_attribution.compute.input_cache import SweepInputs
+from diffusion_attribution.compute.input_cache import SweepInputs, encode_inputs
 from diffusion_attribution.compute.sharded import check_stop, run_sharded
 from diffusion_attribution.data.base import CaptionedImageDataset
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.objective.loss import (
-    encode_captions,
     evaluation_mode,
     noisy_inputs,
     per_example_loss,
@@ -160,8 +159,8 @@ def per_sample_losses(
     among `ids`); a caption index an example does not have gives NaN. The noise of (id, caption
     index c, timestep t, flip f) is row (seed, id, c, t, f) of `counter_randn` (noise="counter") or
     keyed_randn(latent shape, seed, id, c, t, f) (noise="generator"). All combinations are laid out in
-    one list and run `batch_size` UNet forwards at a time. Without `inputs`, each batch encodes each
-    distinct image once and each distinct caption once; with them, it reads them from the cache.
+    one list and run `batch_size` UNet forwards at a time. The clean inputs and text states come from
+    `inputs` (the per-model cache), or are encoded first for `ids` (`encode_inputs`, the same values).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
@@ -173,8 +172,7 @@ def per_sample_losses(
     if not flips:
         raise ValueError("Give at least one flip setting: (False,) or (False, True).")
     steps = _check_timesteps(timesteps, int(model.scheduler.config.num_train_timesteps))
-    captions_of = [dataset.source.captions(i) for i in ids]
-    counts = [len(c) for c in captions_of]
+    counts = [len(dataset.source.captions(i)) for i in ids]
     if caption_indices is None:
         slots = list(range(max(counts, default=0)))
     else:
@@ -187,32 +185,25 @@ def per_sample_losses(
     dtype = model.unet.dtype
     ids_t, slots_t = torch.tensor(ids, dtype=torch.long), torch.tensor(slots, dtype=torch.long)
     steps_t, flips_t = torch.tensor(steps, dtype=torch.long), torch.tensor(flips, dtype=torch.long)
-    if inputs is not None:
-        cache_rows = inputs.rows(ids)
-        flip_cols, slot_cols = inputs.flip_positions(flips), inputs.caption_positions(slots)
+    if inputs is None:  # encoded here, each distinct image and caption once, as the cache holds them
+        unique = sorted(set(ids))
+        inputs = SweepInputs(
+            ids=torch.tensor(unique, dtype=torch.long),
+            flips=tuple(flips),
+            caption_indices=tuple(slots),
+            **encode_inputs(model, dataset, unique, flips, slots, batch_size),
+        )
+    cache_rows = inputs.rows(ids)
+    flip_cols, slot_cols = inputs.flip_positions(flips), inputs.caption_positions(slots)
     with evaluation_mode(model), _unet_forward(model, engine, precision) as forward:
         for begin in tqdm(
             range(0, len(combos), batch_size), desc="per-sample loss", unit="batch", disable=not progress
         ):
             chunk = combos[begin : begin + batch_size]
             row, slot, fpos, tpos = chunk.unbind(1)
-            if inputs is None:
-                distinct, which = torch.unique(row * len(flips) + fpos, return_inverse=True)
-                pixels = torch.stack(
-                    [
-                        dataset.example(ids[k // len(flips)], 0, flips[k % len(flips)])["pixel_values"]
-                        for k in distinct.tolist()
-                    ]
-                )
-                latents = model.encode_images(pixels.to(device, dtype))[which.to(device)]
-                captions = [
-                    captions_of[r][slots[c]] for r, c in zip(row.tolist(), slot.tolist(), strict=True)
-                ]
-                text_states = encode_captions(model, captions)
-            else:
-                cached = cache_rows[row]
-                latents = inputs.inputs[cached, flip_cols[fpos]].to(device, dtype)
-                text_states = inputs.text_states[cached, slot_cols[slot]].to(device, dtype)
+            cached = cache_rows[row]
+            latents = inputs.inputs[cached, flip_cols[fpos]].to(device, dtype)
+            text_states = inputs.text_states[cached, slot_cols[slot]].to(device, dtype)
             if noise == "generator":
                 draws = torch.stack(
                     [

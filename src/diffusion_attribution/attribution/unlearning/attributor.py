@@ -31,6 +31,7 @@ from diffusion_attribution.attribution.base import AttributionContext, Attributo
 from diffusion_attribution.attribution.candidates import CandidateRanker
 from diffusion_attribution.attribution.candidates.base import OPTIONS
 from diffusion_attribution.attribution.checks import (
+    bool_setting,
     captions_setting,
     check_caption_indices,
     check_timesteps,
@@ -165,10 +166,10 @@ class UnlearningAttributor(Attributor):
         self.noise = check_choice("method.noise", noise, NOISES)
         self.precision = check_choice("method.precision", precision, PRECISIONS)
         self.engine = SweepEngine(
-            compile=_bool_setting("method.compile", compile),
-            channels_last=_bool_setting("method.channels_last", channels_last),
+            compile=bool_setting("method.compile", compile),
+            channels_last=bool_setting("method.channels_last", channels_last),
         )
-        self.input_cache = _bool_setting("method.input_cache", input_cache)
+        self.input_cache = bool_setting("method.input_cache", input_cache)
         self.inputs: SweepInputs | None = None
 
     # ------------------------------------------------------------------------------- prepare
@@ -546,12 +547,6 @@ class UnlearningAttributor(Attributor):
                     name: float(np.isin(relevant_ids, lists[k]).mean()) for name, lists in members.items()
                 }
         return out
-
-
-def _bool_setting(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key} must be true or false, got {value!r}.")
-    return value
 
 
 MAX_INLINE_IDS = 100  # shortlists up to this long are listed in ranking.json; longer ones saved as .npy
