@@ -6,14 +6,16 @@ sweep's time goes, and the projected time of one exact MSCOCO query and one AbC 
 
 Prints, in one run:
 (a) the raw UNet forward rate (forwards/s, TFLOP/s; FLOPs from torch's FlopCounterMode) at several
-    batch sizes: random latents, timesteps and text states, no data, no VAE, no text encoder;
+    batch sizes: random latents, timesteps and text states, no data, no VAE, no text encoder; then, at
+    the largest batch, the rate with each scaled-dot-product attention kernel (`method.attention`);
 (b) the project's sweep rate (`objective.sweep.per_sample_losses`, flips x all captions x timesteps as
     in the paper) on the same model over a generated data set, its ratio to the best raw rate, and where
     its time goes: timers (synchronized on CUDA) around the very calls the sweep makes (keyed noise,
     `dataset.example`, `model.encode_images`, `model.encode_text`, `model.predict`), patched in for a
     second, timed run; "other" is the rest (batch layout, indexing, copies back to the host); then the
     engine's rate on the same ids: counter noise drawn on the device in one call per batch and the UNet's
-    inputs read from the per-model input cache (its one-time cost printed beside it);
+    inputs read from the per-model input cache, held on the device when it fits (its one-time cost
+    printed beside it), with the fastest attention kernel of (a);
 (c) the projected time of one exact MSCOCO query (118,287 images x 2 flips x 5 captions x 20 timesteps
     = 23.7M forwards) from the engine's sweep rate and from the raw rate, and the size of a one-time cache of
     the sweep's inputs (VAE latents 118,287 x 2 x 4x16x16 and text states 591,435 x 77 x 1024, bf16);
@@ -54,14 +56,19 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from diffusion_attribution.compute.input_cache import SweepInputs, encode_inputs
+from diffusion_attribution.compute.input_cache import SweepInputs, encode_inputs, resident_inputs
 from diffusion_attribution.data.folder import FolderDataModule
 from diffusion_attribution.data.shapes import ShapesDataModule
 from diffusion_attribution.models.build import build_tiny_model
 from diffusion_attribution.models.coco_ldm import coco_unet_config
 from diffusion_attribution.models.pipeline import TextToImageModel
 from diffusion_attribution.objective import sweep
-from diffusion_attribution.objective.sweep import per_sample_losses
+from diffusion_attribution.objective.sweep import (
+    ATTENTION_BACKENDS,
+    SweepEngine,
+    attention_kernel,
+    per_sample_losses,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -142,8 +149,10 @@ def raw_rates(
     batch_sizes: list[int],
     bf16: bool,
     min_seconds: float,
+    attention: str = "default",
 ) -> dict[int, float]:
-    """Forwards/s of the bare UNet at each batch size (random inputs, one warm-up forward)."""
+    """Forwards/s of the bare UNet at each batch size (random inputs, one warm-up forward), with the
+    named attention kernel."""
     device = next(unet.parameters()).device
     rates = {}
     for b in batch_sizes:
@@ -151,7 +160,7 @@ def raw_rates(
             sample = torch.randn(b, *latent, device=device)
             states = torch.randn(b, *text, device=device)
             t = torch.randint(0, 1000, (b,), device=device)
-            with torch.no_grad(), autocast(device, bf16):
+            with torch.no_grad(), autocast(device, bf16), attention_kernel(attention):
                 unet(sample, t, encoder_hidden_states=states)
                 sync(device)
                 runs, started = 0, time.perf_counter()
@@ -174,6 +183,31 @@ def print_raw(name: str, rates: dict[int, float], flops: float) -> None:
     print(f"    {'batch':>6} {'forwards/s':>12} {'TFLOP/s':>9}")
     for b, rate in rates.items():
         print(f"    {b:>6} {rate:>12.1f} {rate * flops / 1e12:>9.4f}")
+
+
+def attention_rates(
+    unet: UNet2DConditionModel,
+    latent: tuple[int, ...],
+    text: tuple[int, int],
+    batch: int,
+    bf16: bool,
+    min_seconds: float,
+    flops: float,
+) -> str:
+    """The raw rate at `batch` with each attention kernel (those the device lacks are named); returns
+    the fastest kernel's name."""
+    print(f"    attention kernels at batch {batch} (method.attention):")
+    rates = {}
+    for name in ATTENTION_BACKENDS:
+        try:
+            rates[name] = raw_rates(unet, latent, text, [batch], bf16, min_seconds, name)[batch]
+        except (RuntimeError, KeyError) as error:  # no such kernel here (or out of memory)
+            print(f"    {name:>10}: not available ({str(error).splitlines()[0][:80]})")
+            continue
+        print(f"    {name:>10}: {rates[name]:>12.1f} forwards/s {rates[name] * flops / 1e12:>9.4f} TFLOP/s")
+    best = max(rates, key=rates.get)
+    print(f"    fastest: {best} ({rates[best] / rates['default']:.2f}x the default)")
+    return best
 
 
 def fmt_time(seconds: float) -> str:
@@ -313,6 +347,7 @@ def run_sweep(
     bf16: bool,
     noise: str = "generator",
     inputs: SweepInputs | None = None,
+    attention: str = "default",
 ) -> float:
     timesteps = list(range(0, 1000, 1000 // COCO_TIMESTEPS))
     precision = "bf16" if bf16 else "fp32"
@@ -327,6 +362,7 @@ def run_sweep(
         noise=noise,
         precision=precision,
         inputs=inputs,
+        engine=SweepEngine(attention=attention),
     )
     sync(model.device)
     return len(timesteps)
@@ -354,11 +390,18 @@ def engine_inputs(
 
 
 def measure_sweep(
-    name: str, model: TextToImageModel, dataset: Any, ids: list[int], batch: int, bf16: bool, raw: float
+    name: str,
+    model: TextToImageModel,
+    dataset: Any,
+    ids: list[int],
+    batch: int,
+    bf16: bool,
+    raw: float,
+    attention: str = "default",
 ) -> float:
     """(b): the sweep's forwards/s over `ids` (a warm-up, an untimed-call run, then a timed-call run),
-    then the engine's: counter noise drawn on the device and the per-model input cache; returns the
-    engine's rate."""
+    then the engine's: counter noise drawn on the device, the per-model input cache (on the device when
+    it fits) and the `attention` kernel; returns the engine's rate."""
     captions = sum(len(dataset.source.captions(i)) for i in ids)
     run_sweep(model, dataset, ids[:1], batch, bf16)  # warm-up; also decodes the first image
     dataset._cache.clear()  # the measured runs decode every image, as a real sweep does once
@@ -384,15 +427,17 @@ def measure_sweep(
     for part, seconds in [*totals.items(), ("other", timed - sum(totals.values()))]:
         print(f"      {part:<36} {seconds:>8.3f} s {100 * seconds / timed:>5.1f}%")
     inputs, cache_s = engine_inputs(model, dataset, ids, batch)
-    run_sweep(model, dataset, ids[:1], batch, bf16, "counter", inputs)  # warm-up
+    inputs = resident_inputs(inputs, model.device)
+    engine_args = (batch, bf16, "counter", inputs, attention)
+    run_sweep(model, dataset, ids[:1], *engine_args)  # warm-up
     started = time.perf_counter()
-    run_sweep(model, dataset, ids, batch, bf16, "counter", inputs)
+    run_sweep(model, dataset, ids, *engine_args)
     engine_s = time.perf_counter() - started
     engine = forwards / engine_s
     print(
-        f"    engine (counter noise on the device, per-model input cache): {engine:.1f} forwards/s "
-        f"({fmt_time(engine_s)}) = {100 * engine / raw:.0f}% of the best raw UNet rate; the cache took "
-        f"{fmt_time(cache_s)} once for these {len(ids)} images"
+        f"    engine (counter noise on the device, input cache on {inputs.inputs.device}, attention "
+        f"{attention}): {engine:.1f} forwards/s ({fmt_time(engine_s)}) = {100 * engine / raw:.0f}% of the "
+        f"best raw UNet rate; the cache took {fmt_time(cache_s)} once for these {len(ids)} images"
     )
     return engine
 
@@ -450,9 +495,10 @@ def main() -> None:
             flops = unet_flops(model.unet, latent, text, bf16)
             rates = raw_rates(model.unet, latent, text, batches, bf16, min_seconds)
             print_raw(f"tiny (conf/model/tiny.yaml), {latent}", rates, flops)
+            kernel = attention_rates(model.unet, latent, text, max(rates), bf16, min_seconds, flops)
             ids = list(range(min(images, datamodule.num_examples)))
             measure_sweep("tiny on the shapes world", model, datamodule.full_dataset(), ids, sweep_batch, bf16,
-                          max(rates.values()))  # fmt: skip
+                          max(rates.values()), kernel)  # fmt: skip
 
         name = "coco_ldm (paper shape, random SD-2 VAE/text encoder)" if cuda else "coco_ldm shrunk"
         model = coco_model(paper_shape=cuda, workdir=work).to(device)
@@ -460,11 +506,12 @@ def main() -> None:
         flops = unet_flops(model.unet, latent, text, bf16)
         rates = raw_rates(model.unet, latent, text, batches, bf16, min_seconds)
         print_raw(f"{name}, {latent}, text {text}", rates, flops)
+        kernel = attention_rates(model.unet, latent, text, max(rates), bf16, min_seconds, flops)
         raw = max(rates.values())
         best_coco = (raw, raw * flops / 1e12)
         datamodule = generated_folder(work / "images", images, model.image_resolution)
         ids = list(range(images))
-        rate = measure_sweep(name, model, datamodule.full_dataset(), ids, sweep_batch, bf16, raw)
+        rate = measure_sweep(name, model, datamodule.full_dataset(), ids, sweep_batch, bf16, raw, kernel)
         project_coco(rate, raw)
         if not cuda:
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -496,6 +543,7 @@ def main() -> None:
             else f"SD-1.4 layout shrunk, block_out_channels {config['block_out_channels']}"
         )
         print_raw(f"{shape} ({params:.0f}M params), {latent}, text {text}", rates, flops)
+        attention_rates(unet, latent, text, max(rates), bf16, min_seconds, flops)
         raw = max(rates.values())
         forwards = (ABC_POOL + args.abc_exemplars) * FLIPS * ABC_TIMESTEPS
         print(

@@ -190,3 +190,33 @@ def test_bf16_and_channels_last_stay_close_to_fp32(world) -> None:
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     assert not torch.equal(bf16, fp32)
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=1e-3)
+
+
+def test_attention_kernels_give_the_same_losses_and_a_missing_one_is_named(world) -> None:
+    model, dataset = world
+    ids = list(range(0, 40, 5))
+    args = {"timesteps": TIMESTEPS, "caption_indices": [0], "seed": 2, "batch_size": 8}
+    default = per_sample_losses(model, dataset, ids, **args)
+    for kernel in ("math", "flash"):  # the CPU's two kernels
+        pinned = per_sample_losses(model, dataset, ids, engine=SweepEngine(attention=kernel), **args)
+        torch.testing.assert_close(pinned, default, rtol=1e-5, atol=1e-7)
+    # memory-efficient attention has no CPU kernel: the error names the setting and the way out
+    with pytest.raises(ValueError, match="method.attention=efficient.*default.*math"):
+        per_sample_losses(model, dataset, ids, engine=SweepEngine(attention="efficient"), **args)
+    with pytest.raises(ValueError, match="attention='xformers'.*math"):
+        SweepEngine(attention="xformers")
+
+
+def test_the_input_cache_moves_to_the_device_only_when_it_fits(world) -> None:
+    from diffusion_attribution.compute.input_cache import resident_inputs
+
+    model, dataset = world
+    inputs = _cached(model, dataset, list(range(6)), [False], [0])
+    assert inputs.nbytes == inputs.inputs.nbytes + inputs.text_states.nbytes > 0
+    assert resident_inputs(inputs, torch.device("cpu")) is inputs
+    meta = torch.device("meta")  # stands in for an accelerator: no memory, no compute
+    held = resident_inputs(inputs, meta, free_bytes=2 * inputs.nbytes)
+    assert held.inputs.device == meta and held.text_states.device == meta
+    assert torch.equal(held.ids, inputs.ids)
+    streamed = resident_inputs(inputs, meta, free_bytes=2 * inputs.nbytes - 1)  # over half the free memory
+    assert streamed is inputs and streamed.inputs.device.type == "cpu"

@@ -70,6 +70,9 @@ UNLEARNING_ONLY = [
     ({"chunk_size": "a"}, r"method.chunk_size must be an integer of at least 1, got 'a'"),
     ({"target_loss_rise": float("inf")}, r"method.target_loss_rise must be a positive fraction.*null keeps"),
     ({"num_train": -1}, r"method.num_train must be a positive finite number"),
+    ({"noise": "philox"}, r"Unknown method.noise='philox'; options: counter \| generator"),
+    ({"compile": "yes"}, r"method.compile must be true or false, got 'yes'"),
+    ({"attention": "xformers"}, r"Unknown method.attention='xformers'; options: default \| math"),
 ]
 TRAK_ONLY = [
     ({"projection_dim": 0}, r"method.projection_dim must be an integer of at least 1, got 0"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +54,45 @@ class SweepInputs:
             raise KeyError(f"The sweep's input cache holds no inputs for ids {missing[:10].tolist()}.")
         return rows
 
+    @property
+    def nbytes(self) -> int:
+        return self.inputs.nbytes + self.text_states.nbytes
+
+    def to(self, device: torch.device | str) -> SweepInputs:
+        """The same inputs held on `device` (the sweep indexes them where they are)."""
+        return replace(self, inputs=self.inputs.to(device), text_states=self.text_states.to(device))
+
     def flip_positions(self, flips: Sequence[bool]) -> torch.Tensor:
         return _positions("flips", [bool(f) for f in flips], list(self.flips))
 
     def caption_positions(self, caption_indices: Sequence[int]) -> torch.Tensor:
         return _positions("caption indices", [int(c) for c in caption_indices], list(self.caption_indices))
+
+
+def resident_inputs(
+    inputs: SweepInputs, device: torch.device, free_bytes: int | None = None, fraction: float = 0.5
+) -> SweepInputs:
+    """The cache moved to the model's accelerator when it takes at most `fraction` of the device's free
+    memory (`free_bytes`; on CUDA read from the device), so that a sweep gathers each batch there
+    instead of copying it from the host; otherwise (and on the CPU) left where it is and streamed."""
+    if device.type == "cpu":
+        return inputs
+    if free_bytes is None:
+        if device.type != "cuda":
+            return inputs
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    if inputs.nbytes > fraction * free_bytes:
+        log.info(
+            "Sweep input cache: %.2f GB stays on the host and is streamed per batch (more than %.0f%% of "
+            "the %.2f GB free on %s)",
+            inputs.nbytes / 1e9,
+            100 * fraction,
+            free_bytes / 1e9,
+            device,
+        )
+        return inputs
+    log.info("Sweep input cache: %.2f GB held on %s for the sweeps", inputs.nbytes / 1e9, device)
+    return inputs.to(device)
 
 
 def _positions(what: str, wanted: list[Any], held: list[Any]) -> torch.Tensor:

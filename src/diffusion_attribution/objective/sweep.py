@@ -17,7 +17,9 @@ The engine: with `inputs` (compute/input_cache.py) the UNet's clean inputs and t
 from a per-model cache instead of being decoded and encoded in every sweep; `precision="bf16"` runs the
 UNet forward under bfloat16 autocast (the loss itself in float32; it changes the numbers, so it is
 part of a sweep's key); `SweepEngine` holds the settings that change the numbers by float rounding
-only (torch.compile, channels-last memory format).
+only (torch.compile, channels-last memory format, the scaled-dot-product attention kernel). The losses
+of a batch stay on the model's device until the sweep ends, so no batch waits for the host: the device
+runs ahead while the next batch's indices and noise are being prepared.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from diffusion_attribution.compute.input_cache import SweepInputs, encode_inputs
@@ -45,6 +48,14 @@ from diffusion_attribution.utils.seeding import counter_randn, keyed_randn
 
 NOISES = ("counter", "generator")
 PRECISIONS = ("fp32", "bf16")
+# method.attention -> torch's scaled-dot-product attention kernel ("default": torch picks per call).
+ATTENTION_BACKENDS = {
+    "default": None,
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
 
 
 def check_choice(name: str, value: Any, options: Sequence[str]) -> str:
@@ -68,10 +79,23 @@ class SweepEngine:
     """How the sweep runs the UNet, in ways that change its losses by float rounding only (so not part
     of a sweep's cache key): `compile` wraps the UNet's forward in torch.compile (once per UNet, static
     shapes: the first batch of each batch size pays the compilation, and a short last batch is padded
-    to the batch size), `channels_last` runs the UNet in channels-last memory format."""
+    to the batch size), `channels_last` runs the UNet in channels-last memory format, `attention` pins
+    the scaled-dot-product attention kernel (ATTENTION_BACKENDS; benchmarks/paper_scale.py times each
+    on the device at hand)."""
 
     compile: bool = False
     channels_last: bool = False
+    attention: str = "default"
+
+    def __post_init__(self) -> None:
+        check_choice("attention", self.attention, tuple(ATTENTION_BACKENDS))
+
+
+def attention_kernel(name: str) -> contextlib.AbstractContextManager:
+    """A context that restricts scaled-dot-product attention to the named kernel ("default": no
+    restriction)."""
+    backend = ATTENTION_BACKENDS[check_choice("attention", name, tuple(ATTENTION_BACKENDS))]
+    return contextlib.nullcontext() if backend is None else sdpa_kernel(backend)
 
 
 def _compiled_forward(unet: torch.nn.Module) -> Callable[..., Any]:
@@ -103,11 +127,20 @@ def _unet_forward(
     def forward(noisy: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
         if engine.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            if compiled is None:
-                return model.predict(noisy, timesteps, text_states)
-            check_stop()  # the compiled forward skips the UNet's hooks (compute/sharded.py)
-            return compiled(noisy, timesteps, encoder_hidden_states=text_states).sample
+        try:
+            with autocast, attention_kernel(engine.attention):
+                if compiled is None:
+                    return model.predict(noisy, timesteps, text_states)
+                check_stop()  # the compiled forward skips the UNet's hooks (compute/sharded.py)
+                return compiled(noisy, timesteps, encoder_hidden_states=text_states).sample
+        except RuntimeError as error:
+            if engine.attention == "default" or "No viable backend" not in str(error):
+                raise
+            raise ValueError(
+                f"method.attention={engine.attention}: torch has no such attention kernel for these inputs "
+                f"on {model.device} ({noisy.dtype}, precision {precision}). Use method.attention=default "
+                "(torch picks) or math (runs everywhere)."
+            ) from error
 
     try:
         yield forward
@@ -193,17 +226,19 @@ def per_sample_losses(
             caption_indices=tuple(slots),
             **encode_inputs(model, dataset, unique, flips, slots, batch_size),
         )
-    cache_rows = inputs.rows(ids)
-    flip_cols, slot_cols = inputs.flip_positions(flips), inputs.caption_positions(slots)
+    store = inputs.inputs.device  # the host, or the model's device when the cache was moved there
+    cache_rows = inputs.rows(ids).to(store)
+    flip_cols, slot_cols = inputs.flip_positions(flips).to(store), inputs.caption_positions(slots).to(store)
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (combinations, their losses on the device)
     with evaluation_mode(model), _unet_forward(model, engine, precision) as forward:
         for begin in tqdm(
             range(0, len(combos), batch_size), desc="per-sample loss", unit="batch", disable=not progress
         ):
             chunk = combos[begin : begin + batch_size]
             row, slot, fpos, tpos = chunk.unbind(1)
-            cached = cache_rows[row]
-            latents = inputs.inputs[cached, flip_cols[fpos]].to(device, dtype)
-            text_states = inputs.text_states[cached, slot_cols[slot]].to(device, dtype)
+            cached = cache_rows[row.to(store)]
+            latents = inputs.inputs[cached, flip_cols[fpos.to(store)]].to(device, dtype)
+            text_states = inputs.text_states[cached, slot_cols[slot.to(store)]].to(device, dtype)
             if noise == "generator":
                 draws = torch.stack(
                     [
@@ -232,8 +267,10 @@ def per_sample_losses(
                     torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]) for x in (noisy, t, text_states)
                 )
             prediction = forward(noisy, t, text_states)[:size]
-            values = per_example_loss(prediction, target).double().cpu()
-            losses[row, slot, fpos, tpos] = values
+            done.append((chunk, per_example_loss(prediction, target).double()))
+    if done:  # one copy to the host at the end
+        chunks = torch.cat([c for c, _ in done])
+        losses[chunks.unbind(1)] = torch.cat([v for _, v in done]).cpu()
     return losses.mean(dim=-1).to(torch.float32)
 
 

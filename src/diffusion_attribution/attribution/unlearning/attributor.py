@@ -49,7 +49,7 @@ from diffusion_attribution.attribution.unlearning.sensitivity import (
 )
 from diffusion_attribution.attribution.unlearning.sensitivity import describe as describe_sensitivity
 from diffusion_attribution.attribution.unlearning.step import preserved_parameters, unlearn
-from diffusion_attribution.compute.input_cache import SweepInputs, cached_inputs
+from diffusion_attribution.compute.input_cache import SweepInputs, cached_inputs, resident_inputs
 from diffusion_attribution.compute.sharded import shard_path
 from diffusion_attribution.curvature.base import Curvature
 from diffusion_attribution.curvature.diagonal import DiagonalCurvature
@@ -64,6 +64,7 @@ from diffusion_attribution.models.weight_subsets import (
 )
 from diffusion_attribution.objective.loss import mask_to_latent
 from diffusion_attribution.objective.sweep import (
+    ATTENTION_BACKENDS,
     NOISES,
     PRECISIONS,
     SweepConfig,
@@ -109,6 +110,7 @@ class UnlearningAttributor(Attributor):
         precision: str = "fp32",
         compile: bool = False,
         channels_last: bool = False,
+        attention: str = "default",
         input_cache: bool = True,
     ) -> None:
         super().__init__()
@@ -168,6 +170,7 @@ class UnlearningAttributor(Attributor):
         self.engine = SweepEngine(
             compile=bool_setting("method.compile", compile),
             channels_last=bool_setting("method.channels_last", channels_last),
+            attention=check_choice("method.attention", attention, tuple(ATTENTION_BACKENDS)),
         )
         self.input_cache = bool_setting("method.input_cache", input_cache)
         self.inputs: SweepInputs | None = None
@@ -246,6 +249,7 @@ class UnlearningAttributor(Attributor):
                 trainer_kwargs=context.trainer_kwargs,
             )
             self.cached_paths.append(self.inputs.path)
+            self.inputs = resident_inputs(self.inputs, model.device)  # on the GPU when it fits
         if self.ranker is not None:
             started = time.perf_counter()
             self.ranker._prepare(model, datamodule, context, self.identity)
