@@ -79,3 +79,12 @@ def test_bad_keys() -> None:
         counter_randn(torch.zeros(3, 2, dtype=torch.int32), (4,))
     with pytest.raises(ValueError, match=r"\[N, K\]"):
         counter_randn(torch.zeros(3, dtype=torch.int64), (4,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on GPU machines)")
+def test_equal_on_cpu_and_cuda() -> None:
+    keys = torch.cat([_grid(seed=3), torch.tensor(PINNED_KEYS)])
+    on_cpu = counter_randn(keys, (4, 8, 8))
+    on_cuda = counter_randn(keys.cuda(), (4, 8, 8))
+    assert on_cuda.device.type == "cuda"
+    torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=1e-5, atol=1e-6)

@@ -220,3 +220,20 @@ def test_the_input_cache_moves_to_the_device_only_when_it_fits(world) -> None:
     assert torch.equal(held.ids, inputs.ids)
     streamed = resident_inputs(inputs, meta, free_bytes=2 * inputs.nbytes - 1)  # over half the free memory
     assert streamed is inputs and streamed.inputs.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on GPU machines)")
+def test_the_engine_on_cuda_gives_the_cpu_losses(world) -> None:
+    import copy
+
+    from diffusion_attribution.compute.input_cache import resident_inputs
+
+    model, dataset = world
+    ids = list(range(0, 40, 4))
+    args = {"timesteps": TIMESTEPS, "caption_indices": [0, 1], "flips": (False, True), "seed": 5}
+    on_cpu = per_sample_losses(model, dataset, ids, noise="counter", **args)
+    gpu = copy.deepcopy(model).to("cuda")
+    inputs = resident_inputs(_cached(gpu, dataset, ids, [False, True], [0, 1]), gpu.device)
+    assert inputs.inputs.device.type == "cuda"  # a few kB: held on the device
+    on_cuda = per_sample_losses(gpu, dataset, ids, noise="counter", inputs=inputs, batch_size=7, **args)
+    torch.testing.assert_close(on_cuda, on_cpu, rtol=2e-3, atol=1e-5)  # TF32 convolutions on CUDA
