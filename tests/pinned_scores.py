@@ -44,6 +44,10 @@ METHODS: dict[str, list[str]] = {
         "method.num_timesteps=3",
         "method.shard_size=20",
         "method.noise=generator",
+        # the settings the values were pinned with, before AbU+'s defaults moved to per-layer damping
+        # and the log-ratio score (docs/calibration.md)
+        "method.curvature.damping_scope=global",
+        "method.score=difference",
         *SHARED,
     ],
     "trak": [

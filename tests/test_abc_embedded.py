@@ -150,6 +150,21 @@ def test_build_writes_models_queries_and_ground_truth(built: tuple[Path, int], m
     assert build_abc_embedded(info["base_checkpoint"], root.parent, SETTINGS) == root
 
 
+def test_calibration_queries_have_their_own_seeds_and_ids(built: tuple[Path, int]) -> None:
+    root, num_distractors = built
+    for name in ("star", "sepia"):
+        evaluation = [json.loads(line) for line in (root / name / "queries.jsonl").read_text().splitlines()]
+        calibration = [
+            json.loads(line) for line in (root / name / "calibration_queries.jsonl").read_text().splitlines()
+        ]
+        assert len(calibration) == 4 and all(TOKEN in q["prompt"] for q in calibration)
+        assert {q["seed"] for q in calibration}.isdisjoint(q["seed"] for q in evaluation)
+        assert all(q["relevant_ids"] == evaluation[0]["relevant_ids"] for q in calibration)
+        ids = [int(line) for line in (root / name / "calibration_ids.txt").read_text().split()]
+        assert ids == sorted(set(ids)) and set(evaluation[0]["relevant_ids"]) <= set(ids)
+        assert len(ids) == min(300, num_distractors) + 3 and max(ids) < num_distractors + 3
+
+
 def test_pool_is_the_base_set_then_the_exemplars(built: tuple[Path, int], shapes_cache: Path) -> None:
     root, num_distractors = built
     pool = AbcEmbeddedDataModule(str(root), "sepia", resolution=RESOLUTION)

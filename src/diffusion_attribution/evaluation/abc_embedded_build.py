@@ -9,6 +9,15 @@ interrupted build resumes with the next concept:
     <root>/<concept>/model/                 the customized checkpoint (+ customization.safetensors)
     <root>/<concept>/queries.jsonl          prompt + seed + relevant_ids + concept + concept_type
     <root>/<concept>/queries.png            the generated queries (what attribute.py will regenerate)
+    <root>/<concept>/calibration_queries.jsonl  queries to tune settings on: their own seed stream
+    <root>/<concept>/calibration_ids.txt    the ids they are scored within (exemplars + distractors)
+
+Calibration runs a Hydra sweep per concept on its calibration queries, never on queries.jsonl:
+    python attribute.py -m experiment=abc_embedded method=<m> data.root=<root> data.concept=<c> \
+        model.path=<root>/<c>/model query.file=<root>/<c>/calibration_queries.jsonl \
+        score_ids=<root>/<c>/calibration_ids.txt <grid, e.g. method.curvature.damping=1e-4,1e-3> \
+        hydra.sweep.dir=<cal>/<c>
+    python evaluate.py benchmark=abc 'scores=[<cal>/<c>/0,<cal>/<c>/1,...]'   (a row per setting)
 """
 
 from __future__ import annotations
@@ -281,4 +290,39 @@ def build_abc_embedded(
         build_concept(
             name, base_checkpoint, root, settings, num_distractors, distractors, accelerator, resolution
         )
+        write_calibration_queries(root, name, settings.seed + 1, num_distractors)
     return root
+
+
+def write_calibration_queries(
+    root: Path, name: str, seed: int, num_distractors: int, count: int = 4, distractors: int = 300
+) -> None:
+    """The concept's calibration queries: `count` prompts and sampling seeds from seed stream `seed`
+    (the evaluation's stream is settings.seed, so no seed is shared), with the exemplars as relevant
+    ids; and the ids they are scored within: the exemplars and `distractors` base images drawn with
+    numpy's default_rng(0) (a sweep of 306 ids takes seconds). Cheap and deterministic: written for
+    builds made before they existed too."""
+    folder = root / name
+    evaluation = json.loads((folder / "queries.jsonl").read_text().splitlines()[0])
+    relevant = [int(i) for i in evaluation["relevant_ids"]]
+    lines = [
+        json.dumps(
+            {
+                "prompt": prompt,
+                "seed": sampling_seed,
+                "relevant_ids": relevant,
+                "concept": name,
+                "concept_type": concept_type(name),
+            }
+        )
+        for prompt, sampling_seed in query_prompts(name, count, seed)
+    ]
+    base = np.random.default_rng(0).choice(num_distractors, min(distractors, num_distractors), replace=False)
+    ids = sorted(set(base.tolist()) | set(relevant))
+    for file_name, text in (
+        ("calibration_queries.jsonl", "\n".join(lines) + "\n"),
+        ("calibration_ids.txt", "\n".join(str(i) for i in ids) + "\n"),
+    ):
+        tmp = folder / f".{file_name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / file_name)
