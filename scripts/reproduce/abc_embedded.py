@@ -15,7 +15,8 @@ method, evaluate, print the table.
    per concept type and method; abc.md, abc_*.csv and the abc.png scatter.
 
 Method settings are calibrated with attribute.py's own sweeps (`-m`, hydra/sweeper=optuna_search) on
-calibration queries, never on these evaluation queries: see conf/experiment/calibrate_rare.yaml.
+calibration queries, never on these evaluation queries: the build writes each concept's
+calibration_queries.jsonl and calibration_ids.txt (evaluation/abc_embedded_build.py, docs/calibration.md).
 """
 
 from __future__ import annotations
