@@ -10,8 +10,8 @@
 #      sweep and the engine against it, projected MSCOCO and AbC queries);
 #   3. train: a 600-step train.py trainer=gpu of the default model;
 #   4. attribute: attribute.py trainer=gpu for method=unlearning and method=unlearning_ekfac on
-#      CHECKPOINT, each with the default engine and with the GPU engine (counter noise, bf16); their
-#      ranking.json hold the seconds per query (score_s);
+#      CHECKPOINT, each with the default engine and with the GPU engine (counter noise, bf16), and for
+#      method=dtrak; their ranking.json hold the seconds per query (score_s);
 #   5. compare: Spearman and top-10 overlap of the GPU engine's scores against the default's.
 # A third argument `cpu` rehearses the same steps on the CPU, shrunk (a quick benchmark, 20 steps).
 set -uo pipefail
@@ -58,6 +58,8 @@ for method in unlearning unlearning_ekfac; do
   step "attribute_${method}_engine" $PY attribute.py $TRAINER method=$method model.path="$CKPT" "${QUERY[@]}" \
     $ENGINE cache_dir="$OUT/cache" hydra.run.dir="$OUT/attribute/${method}_engine"
 done
+step attribute_dtrak $PY attribute.py $TRAINER method=dtrak model.path="$CKPT" "${QUERY[@]}" \
+  cache_dir="$OUT/cache" hydra.run.dir="$OUT/attribute/dtrak"
 step compare $PY - "$OUT/attribute" <<'PY'
 import json, sys
 from pathlib import Path
