@@ -10,8 +10,8 @@
 #      sweep and the engine against it, projected MSCOCO and AbC queries);
 #   3. train: a 600-step train.py trainer=gpu of the default model;
 #   4. attribute: attribute.py trainer=gpu for method=unlearning and method=unlearning_ekfac on
-#      CHECKPOINT, each with the default engine and with the GPU engine (counter noise, bf16), and for
-#      method=dtrak; their ranking.json hold the seconds per query (score_s);
+#      CHECKPOINT, each with the default engine and with the GPU engine (counter noise, bf16, a bf16
+#      input cache), and for method=dtrak; their ranking.json hold the seconds per query (score_s);
 #   5. compare: Spearman and top-10 overlap of the GPU engine's scores against the default's.
 # A third argument `cpu` rehearses the same steps on the CPU, shrunk (a quick benchmark, 20 steps).
 set -uo pipefail
@@ -50,8 +50,8 @@ step tests $PY -m pytest -q -p no:warnings -rs tests/test_loss_sweep.py tests/te
   tests/test_unlearning.py tests/test_attribute_job.py tests/test_pinned_scores.py
 step paper_scale $PY benchmarks/paper_scale.py $BENCH
 step train $PY train.py $TRAINER training.max_steps=$STEPS hydra.run.dir="$OUT/train"
-ENGINE="method.noise=counter method.precision=bf16"
-[ "$MODE" = cpu ] && ENGINE="method.noise=counter"
+ENGINE="method.noise=counter method.precision=bf16 method.input_cache_dtype=bfloat16"
+[ "$MODE" = cpu ] && ENGINE="method.noise=counter method.input_cache_dtype=bfloat16"
 for method in unlearning unlearning_ekfac; do
   step "attribute_$method" $PY attribute.py $TRAINER method=$method model.path="$CKPT" "${QUERY[@]}" \
     cache_dir="$OUT/cache" hydra.run.dir="$OUT/attribute/$method"

@@ -237,3 +237,18 @@ def test_the_engine_on_cuda_gives_the_cpu_losses(world) -> None:
     assert inputs.inputs.device.type == "cuda"  # a few kB: held on the device
     on_cuda = per_sample_losses(gpu, dataset, ids, noise="counter", inputs=inputs, batch_size=7, **args)
     torch.testing.assert_close(on_cuda, on_cpu, rtol=2e-3, atol=1e-5)  # TF32 convolutions on CUDA
+
+
+def test_a_bfloat16_input_cache_rounds_only_the_inputs(world) -> None:
+    from diffusion_attribution.compute.input_cache import SweepInputs
+
+    model, dataset = world
+    ids = list(range(0, 40, 4))
+    args = {"timesteps": TIMESTEPS, "caption_indices": [0], "seed": 4, "batch_size": 16}
+    full = per_sample_losses(model, dataset, ids, **args)
+    encoded = encode_inputs(model, dataset, ids, [False], [0], batch_size=8, dtype=torch.bfloat16)
+    assert encoded["inputs"].dtype == encoded["text_states"].dtype == torch.bfloat16
+    inputs = SweepInputs(torch.tensor(ids), (False,), (0,), encoded["inputs"], encoded["text_states"])
+    rounded = per_sample_losses(model, dataset, ids, inputs=inputs, **args)
+    assert rounded.dtype == torch.float32 and not torch.equal(rounded, full)
+    torch.testing.assert_close(rounded, full, rtol=0.02, atol=1e-4)

@@ -73,6 +73,11 @@ UNLEARNING_ONLY = [
     ({"noise": "philox"}, r"Unknown method.noise='philox'; options: counter \| generator"),
     ({"compile": "yes"}, r"method.compile must be true or false, got 'yes'"),
     ({"attention": "xformers"}, r"Unknown method.attention='xformers'; options: default \| math"),
+    ({"input_cache_dtype": "int8"}, r"Unknown method.input_cache_dtype='int8'; options: float32 \| bfloat16"),
+    (
+        {"input_cache": False, "input_cache_dtype": "bfloat16"},
+        r"method.input_cache_dtype=bfloat16 needs method.input_cache=true",
+    ),
 ]
 TRAK_ONLY = [
     ({"projection_dim": 0}, r"method.projection_dim must be an integer of at least 1, got 0"),

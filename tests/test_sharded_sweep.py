@@ -208,6 +208,11 @@ def test_a_folder_of_other_noise_or_precision_is_refused_with_the_fix(
         ValueError, match=r"identity\.sweep\.precision: \(absent\) -> 'bf16'.*method\.precision"
     ):
         sweep(world, out, shard_size=8, config=replace(generator, precision="bf16"))
+    with pytest.raises(
+        ValueError, match=r"identity\.sweep\.inputs: \(absent\) -> 'bfloat16'.*method\.input_cache_dtype"
+    ):
+        sweep(world, out, shard_size=8, config=replace(generator, inputs="bfloat16"))
+    assert "inputs" not in generator.to_dict()  # float32 inputs keep the old keys
     assert calls == []
     assert torch.equal(sweep(world, out, shard_size=8, config=generator), old)  # its own settings resume it
     new = tmp_path / "counter"
@@ -216,6 +221,8 @@ def test_a_folder_of_other_noise_or_precision_is_refused_with_the_fix(
         sweep(world, new, shard_size=8, config=generator)
     with pytest.raises(ValueError, match="Unknown noise='philox'"):
         replace(CONFIG, noise="philox")
+    with pytest.raises(ValueError, match="Unknown inputs='float16'.*bfloat16"):
+        replace(CONFIG, inputs="float16")
 
 
 def test_fisher_shards_sum_to_the_whole(world, tmp_path: Path) -> None:

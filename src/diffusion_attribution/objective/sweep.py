@@ -48,6 +48,7 @@ from diffusion_attribution.utils.seeding import counter_randn, keyed_randn
 
 NOISES = ("counter", "generator")
 PRECISIONS = ("fp32", "bf16")
+INPUT_DTYPES = ("float32", "bfloat16")  # the input cache's dtypes (compute/input_cache.py DTYPES)
 # method.attention -> torch's scaled-dot-product attention kernel ("default": torch picks per call).
 ATTENTION_BACKENDS = {
     "default": None,
@@ -288,10 +289,13 @@ class SweepConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     noise: str = "generator"
     precision: str = "fp32"
+    # the dtype the input cache holds the UNet's inputs in: rounding them changes the losses
+    inputs: str = "float32"
 
     def __post_init__(self) -> None:
         check_choice("noise", self.noise, NOISES)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("inputs", self.inputs, INPUT_DTYPES)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -302,6 +306,8 @@ class SweepConfig:
             del d["noise"]
         if self.precision == "fp32":
             del d["precision"]
+        if self.inputs == "float32":
+            del d["inputs"]
         return d
 
 
@@ -313,6 +319,10 @@ MISMATCH_HINTS = {
         "noise (keyed_randn), one with 'noise': 'counter' with counter_randn, and their losses cannot be "
         "mixed. To resume or reuse it, run with method.noise set to the noise recorded there (absent: "
         "generator); to recompute with the other noise, point the run at a new directory."
+    ),
+    "identity.sweep.inputs": (
+        "The directory's sweep read inputs cached in another dtype (absent: float32). Run with the "
+        "method.input_cache_dtype recorded there, or point the run at a new directory."
     ),
     "identity.sweep.precision": (
         "The directory's sweep ran the UNet at another precision (absent: fp32). Run with the "

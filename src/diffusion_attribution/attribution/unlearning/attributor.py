@@ -49,7 +49,7 @@ from diffusion_attribution.attribution.unlearning.sensitivity import (
 )
 from diffusion_attribution.attribution.unlearning.sensitivity import describe as describe_sensitivity
 from diffusion_attribution.attribution.unlearning.step import preserved_parameters, unlearn
-from diffusion_attribution.compute.input_cache import SweepInputs, cached_inputs, resident_inputs
+from diffusion_attribution.compute.input_cache import DTYPES, SweepInputs, cached_inputs, resident_inputs
 from diffusion_attribution.compute.sharded import shard_path
 from diffusion_attribution.curvature.base import Curvature
 from diffusion_attribution.curvature.diagonal import DiagonalCurvature
@@ -65,6 +65,7 @@ from diffusion_attribution.models.weight_subsets import (
 from diffusion_attribution.objective.loss import mask_to_latent
 from diffusion_attribution.objective.sweep import (
     ATTENTION_BACKENDS,
+    INPUT_DTYPES,
     NOISES,
     PRECISIONS,
     SweepConfig,
@@ -112,6 +113,7 @@ class UnlearningAttributor(Attributor):
         channels_last: bool = False,
         attention: str = "default",
         input_cache: bool = True,
+        input_cache_dtype: str = "float32",
     ) -> None:
         super().__init__()
         # Checked here, when the config is read: a bad setting would otherwise surface only in
@@ -173,6 +175,12 @@ class UnlearningAttributor(Attributor):
             attention=check_choice("method.attention", attention, tuple(ATTENTION_BACKENDS)),
         )
         self.input_cache = bool_setting("method.input_cache", input_cache)
+        self.input_cache_dtype = check_choice("method.input_cache_dtype", input_cache_dtype, INPUT_DTYPES)
+        if not self.input_cache and self.input_cache_dtype != "float32":
+            raise ValueError(
+                f"method.input_cache_dtype={self.input_cache_dtype} needs method.input_cache=true (without the "
+                "cache the inputs are encoded in float32 in every sweep)."
+            )
         self.inputs: SweepInputs | None = None
 
     # ------------------------------------------------------------------------------- prepare
@@ -247,6 +255,7 @@ class UnlearningAttributor(Attributor):
                 batch_size=self.batch_size,
                 shard_size=self.shard_size,
                 trainer_kwargs=context.trainer_kwargs,
+                dtype=DTYPES[self.input_cache_dtype],
             )
             self.cached_paths.append(self.inputs.path)
             self.inputs = resident_inputs(self.inputs, model.device)  # on the GPU when it fits
@@ -325,6 +334,7 @@ class UnlearningAttributor(Attributor):
             seed,
             noise=self.noise,
             precision=self.precision,
+            inputs=self.input_cache_dtype,
         )
 
     def check_settings(self, model: TextToImageModel, datamodule: CaptionedImageDataModule) -> None:
