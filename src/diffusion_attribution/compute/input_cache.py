@@ -27,7 +27,8 @@ from diffusion_attribution.utils.fingerprint import hash_json, module_fingerprin
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# method.input_cache_dtype -> the dtype the cache holds the inputs in
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

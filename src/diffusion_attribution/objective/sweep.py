@@ -35,7 +35,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from diffusion_attribution.compute.input_cache import SweepInputs, encode_inputs
+from diffusion_attribution.compute.input_cache import DTYPES, SweepInputs, encode_inputs
 from diffusion_attribution.compute.sharded import check_stop, run_sharded
 from diffusion_attribution.data.base import CaptionedImageDataset
 from diffusion_attribution.models.pipeline import TextToImageModel
@@ -48,7 +48,7 @@ from diffusion_attribution.utils.seeding import counter_randn, keyed_randn
 
 NOISES = ("counter", "generator")
 PRECISIONS = ("fp32", "bf16")
-INPUT_DTYPES = ("float32", "bfloat16")  # the input cache's dtypes (compute/input_cache.py DTYPES)
+INPUT_DTYPES = tuple(DTYPES)  # the input cache's dtypes
 # method.attention -> torch's scaled-dot-product attention kernel ("default": torch picks per call).
 ATTENTION_BACKENDS = {
     "default": None,
@@ -278,9 +278,10 @@ def per_sample_losses(
 # ----------------------------------------------------------------------------------- loss sweep
 @dataclass(frozen=True)
 class SweepConfig:
-    """What decides the numbers of a loss sweep (and so its cache key). `noise` and `precision` enter
-    `to_dict` only when they differ from the first sweeps' (generator noise, fp32), so the sweeps cached
-    before they existed keep their keys and are reused only by runs that reproduce them."""
+    """What decides the numbers of a loss sweep (and so its cache key). `noise`, `precision` and
+    `inputs` enter `to_dict` only when they differ from the first sweeps' (generator noise, fp32, float32
+    inputs), so the sweeps cached before they existed keep their keys and are reused only by runs that
+    reproduce them."""
 
     timesteps: tuple[int, ...]
     caption_indices: tuple[int, ...]
